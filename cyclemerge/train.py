@@ -1,0 +1,177 @@
+"""Training of the seed models, and import of the user's own checkpoints.
+
+A checkpoint carries what made it (architecture, dataset shape, seed, params hash, metrics)
+beside the weights, so it can be explained and reloaded without the params file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cyclemerge.config import ModelConfig, TrainConfig
+from cyclemerge.data import DataBundle, augment_batch, iterate_batches
+from cyclemerge.models import build_model
+from cyclemerge.permutation import StateDict
+
+CHECKPOINT_FORMAT = "cyclemerge-checkpoint/1"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA device is visible; use 'auto' or 'cpu'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimisation step ``step`` of ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainResult:
+    state_dict: StateDict
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def model_for(model_cfg: ModelConfig, data: DataBundle) -> torch.nn.Module:
+    return build_model(model_cfg, in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
+
+
+def train_model(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data: DataBundle,
+    seed: int,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train one model from ``seed`` on the training subset of the TRAIN split (never the test split)."""
+    device = resolve_device(train_cfg.device)
+    torch.manual_seed(seed)
+    model = model_for(model_cfg, data).to(device)
+    x_all = data.train_x[data.train_idx]
+    y_all = data.train_y[data.train_idx]
+    if device.type == "cuda":
+        x_all, y_all = x_all.to(device), y_all.to(device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train_cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+
+    steps_per_epoch = math.ceil(len(x_all) / train_cfg.batch_size)
+    total = steps_per_epoch * train_cfg.epochs
+    warmup = steps_per_epoch * train_cfg.warmup_epochs if train_cfg.schedule == "warmup_cosine" else 0
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(train_cfg.epochs):
+        model.train()
+        loss_sum = correct = seen = 0.0
+        for xb, yb in iterate_batches(x_all, y_all, train_cfg.batch_size, shuffle=True, generator=gen):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if train_cfg.augment:
+                xb = augment_batch(xb, gen)
+            for group in opt.param_groups:
+                group["lr"] = train_cfg.lr * lr_factor(step, total, warmup, train_cfg.schedule)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+            opt.step()
+            step += 1
+            loss_sum += loss.item() * len(yb)
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+            if on_step:
+                on_step(step, total)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return TrainResult(state_dict=state_dict, history=history, seconds=time.perf_counter() - start)
+
+
+def make_checkpoint(state_dict: StateDict, model_cfg: ModelConfig, data: DataBundle, *, seed: int | None,
+                    params_hash: str, metrics: dict, history: list[dict] | None = None, source: str = "trained") -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": state_dict,
+        "model": model_cfg.model_dump(mode="json"),
+        "data": {"name": data.name, "in_channels": data.in_channels, "image_size": data.image_size,
+                 "num_classes": data.num_classes},
+        "seed": seed,
+        "params_hash": params_hash,
+        "metrics": metrics,
+        "history": history or [],
+        "source": source,
+    }
+
+
+class CheckpointError(ValueError):
+    """A user checkpoint that cannot be merged; the message names the file and the fix."""
+
+
+def import_checkpoints(paths: list[str | Path], model_cfg: ModelConfig, data: DataBundle) -> list[StateDict]:
+    """Load N user checkpoints (our format or a bare state dict) and check they fit one architecture.
+
+    Non-finite weights are not rejected here: the pre-filter before alignment flags and drops them,
+    so one broken checkpoint does not stop a merge of the others.
+    """
+    if len(paths) < 2:
+        raise CheckpointError(f"train.checkpoints: merging needs at least 2 checkpoints, got {len(paths)}")
+    reference = model_for(model_cfg, data).state_dict()
+    out: list[StateDict] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise CheckpointError(f"train.checkpoints: {path} does not exist (check the path; relative paths are "
+                                  "resolved against the project folder)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to a user
+            raise CheckpointError(f"train.checkpoints: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                                  f"{e}); save models with torch.save(model.state_dict(), path)") from None
+        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+            saved_arch = obj["model"].get("arch")
+            if saved_arch != model_cfg.arch:
+                raise CheckpointError(f"train.checkpoints: {path} holds a {saved_arch!r} model but model.arch is "
+                                      f"{model_cfg.arch!r}; set model.arch (and its widths) to match the checkpoints")
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"train.checkpoints: {path} holds a {type(obj).__name__}, not a state dict; "
+                                  "save models with torch.save(model.state_dict(), path)")
+        missing = sorted(set(reference) - set(obj))
+        unexpected = sorted(set(obj) - set(reference))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"train.checkpoints: {path} does not match model.arch={model_cfg.arch!r}: missing keys {missing[:5]}"
+                f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+        wrong = [f"{k}: {tuple(obj[k].shape)} vs expected {tuple(t.shape)}" for k, t in reference.items()
+                 if tuple(obj[k].shape) != tuple(t.shape)]
+        if wrong:
+            raise CheckpointError(f"train.checkpoints: {path} has mismatched shapes ({'; '.join(wrong[:3])}); "
+                                  "set model.hidden / model.width and the dataset to those the checkpoints were trained with")
+        out.append({k: obj[k].detach().to(reference[k].dtype).clone() for k in reference})
+    return out

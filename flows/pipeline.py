@@ -1,0 +1,216 @@
+"""The cyclemerge pipeline as Prefect flows, and the command line.
+
+    python -m flows.pipeline                    # the whole DAG as one Prefect flow run
+    python -m flows.pipeline --stage gates      # one stage (what each dvc.yaml stage calls)
+    python -m flows.pipeline --run-dvc          # `dvc repro` under one MLflow parent run, then a summary
+    python -m flows.pipeline --set gates.lam=0.1 --force gates
+
+Every stage task is cached on its params, its inputs' content and its code (tasks/common.py), so a
+rerun with nothing changed recomputes nothing, and a changed gates param reruns gates -> repair ->
+evaluate only.
+"""
+
+from __future__ import annotations
+
+import flows._env  # noqa: F401  (must precede prefect and mlflow imports)
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from prefect import flow
+
+from cyclemerge.config import ConfigError
+from tasks import activations as t_act
+from tasks import align as t_align
+from tasks import evaluate as t_eval
+from tasks import gates as t_gates
+from tasks import repair as t_repair
+from tasks import train as t_train
+from tasks.common import STAGE_ORDER, LockedError, Project, ProjectLock, resolve, run_cached
+from tasks.tracking import PARENT_ENV, finish_parent, stage_run, start_parent
+
+
+def make_task_runner(project: Project):
+    orch = project.cfg.orchestration
+    if orch.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if orch.dask_address:
+            return DaskTaskRunner(address=orch.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": orch.dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    if orch.task_runner == "sequential":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=orch.max_workers)
+
+
+def _stage_done(project: Project, stage: str, started: float, ran: list[str], result: dict) -> dict:
+    seconds = time.perf_counter() - started
+    cached = result.get("cached", False)
+    print(f"[{stage:>11}] {'cached' if cached else 'done'} in {seconds:6.1f} s", flush=True)
+    return {"stage": stage, "seconds": seconds, **result}
+
+
+@flow(name="cyclemerge-train")
+def train_flow(project: Project, force: bool = False, parent_run_id: str | None = None) -> dict:
+    cfg = project.cfg
+    started = time.perf_counter()
+    orch = cfg.orchestration
+    if orch.task_runner == "threads" and orch.max_workers > 1:
+        # Seeds train side by side: one torch thread each beats two threads fighting over each core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // orch.max_workers))
+    with stage_run(project, "train", parent_run_id) as run:
+        if cfg.train.checkpoints:
+            key = t_train.checkpoint_files_key(project)
+            results = run_cached(t_train.import_user_checkpoints, project, key=key, force=force, parent_run_id=run.run_id)
+        else:
+            seeds = cfg.train.model_seeds()
+            jobs = []
+            for i, seed in enumerate(seeds):
+                key = t_train.seed_key(project, i, seed)
+                kwargs = {"index": i, "seed": seed, "parent_run_id": run.run_id}
+                jobs.append((key, kwargs, run_cached(t_train.train_seed, project, key=key, force=force, wait=False, **kwargs)))
+            results = [resolve(t_train.train_seed, project, fut, key=key, **kw) for key, kw, fut in jobs]
+        results = results if isinstance(results, list) else [results]
+        summary = t_train.summarize_training(project, results, seconds=time.perf_counter() - started, run_id=run.run_id)
+        summary["cached"] = all(r.get("cached") for r in results)
+        run.log_metrics({f"model_{m['index']}.test_acc": m["test_acc"] for m in summary["summary"]["models"]})
+        run.log_metrics({"mean_test_acc": summary["summary"]["mean_test_acc"] or float("nan")})
+        run.log_artifact(project.metrics_path("train"))
+        run.log_artifact(summary["plot"], "plots")
+    return summary
+
+
+def _single_stage(stage_module, name: str):
+    @flow(name=f"cyclemerge-{name}")
+    def stage_flow(project: Project, force: bool = False, parent_run_id: str | None = None) -> dict:
+        key = project.stage_key(name)
+        with stage_run(project, name, parent_run_id) as run:
+            kwargs = {"run_id": run.run_id, "parent_run_id": parent_run_id}
+            if name == "activations":
+                return t_act.run_activations(project, key=key, force=force, run_id=run.run_id)
+            return run_cached(stage_module.stage_task, project, key=key, force=force, **kwargs)
+
+    return stage_flow
+
+
+activations_flow = _single_stage(t_act, "activations")
+align_flow = _single_stage(t_align, "align")
+gates_flow = _single_stage(t_gates, "gates")
+repair_flow = _single_stage(t_repair, "repair")
+evaluate_flow = _single_stage(t_eval, "evaluate")
+
+STAGE_FLOWS = {"train": train_flow, "activations": activations_flow, "align": align_flow,
+               "gates": gates_flow, "repair": repair_flow, "evaluate": evaluate_flow}
+
+
+def run_stage(project: Project, stage: str, force: bool = False, parent_run_id: str | None = None) -> dict:
+    stage_flow = STAGE_FLOWS[stage].with_options(task_runner=make_task_runner(project))
+    started = time.perf_counter()
+    result = stage_flow(project, force=force, parent_run_id=parent_run_id)
+    return _stage_done(project, stage, started, [], result if isinstance(result, dict) else {"results": result})
+
+
+@flow(name="cyclemerge-pipeline")
+def pipeline(params: str = "params.yaml", overrides: list[str] | None = None, force: list[str] | None = None,
+             project_dir: str | None = None) -> dict:
+    """The whole DAG: train -> activations -> align -> gates -> repair -> evaluate."""
+    project = Project.load(project_dir or flows._env.ROOT, params, overrides or [])
+    force = set(force or [])
+    parent = start_parent(project)
+    status = "FAILED"
+    timings = {}
+    try:
+        with ProjectLock(project):
+            for stage in STAGE_ORDER:
+                out = run_stage(project, stage, force=stage in force or "all" in force, parent_run_id=parent)
+                timings[stage] = {"seconds": out["seconds"], "cached": out.get("cached", False)}
+        status = "FINISHED"
+    finally:
+        finish_parent(project, parent, status)
+    return {"stages": timings, "parent_run_id": parent}
+
+
+def run_dvc(project: Project, force: list[str]) -> int:
+    """`dvc repro` under one MLflow parent run, so its stage processes nest their runs under it."""
+    parent = start_parent(project)
+    env = dict(os.environ)
+    if parent:
+        env[PARENT_ENV] = parent
+    env["CYCLEMERGE_LOCK_HELD"] = "1"
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    status = "FAILED"
+    try:
+        with ProjectLock(project):
+            if not (project.root / ".dvc").exists():
+                subprocess.run([dvc, "init", "-q"], cwd=project.root, check=True, env=env)
+            rc = 0
+            for stage in force:  # forced stages first, alone; the plain repro then reruns what they changed
+                cmd = [dvc, "repro", "--force"] + ([] if stage == "all" else ["--single-item", stage])
+                rc = rc or subprocess.run(cmd, cwd=project.root, env=env).returncode
+            rc = rc or subprocess.run([dvc, "repro"], cwd=project.root, env=env).returncode
+        status = "FINISHED" if rc == 0 else "FAILED"
+        return rc
+    finally:
+        finish_parent(project, parent, status)
+
+
+def print_summary(project: Project) -> None:
+    table = project.root / "reports" / "short_table.txt"
+    if table.exists():
+        print("\n" + table.read_text())
+    print("\nWhere to look next:")
+    print(f"  report        {project.root / 'reports' / 'summary.md'}")
+    print(f"  metrics       {project.root / 'metrics'}/*.json   (dvc metrics show)")
+    print(f"  plots         {project.root / 'plots'}/*.png")
+    print(f"  MLflow UI     make ui   (then open http://127.0.0.1:5000; store {project.cfg.tracking.uri})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a param, e.g. --set gates.lam=0.1 (repeatable)")
+    ap.add_argument("--stage", choices=STAGE_ORDER, help="run one stage only (what dvc.yaml calls)")
+    ap.add_argument("--force", action="append", default=[], metavar="STAGE",
+                    help=f"recompute a stage even if cached: one of {', '.join(STAGE_ORDER)} or 'all' (repeatable)")
+    ap.add_argument("--run-dvc", action="store_true", help="run `dvc repro` under one MLflow parent run")
+    args = ap.parse_args(argv)
+    for f in args.force:
+        if f not in STAGE_ORDER and f != "all":
+            ap.error(f"--force {f}: unknown stage; choose from {', '.join(STAGE_ORDER)} or all")
+    try:
+        project = Project.load(flows._env.ROOT, args.params, args.overrides)
+        if args.run_dvc:
+            rc = run_dvc(project, args.force)
+            if rc == 0:
+                print_summary(project)
+            return rc
+        if args.stage:
+            if os.environ.get("CYCLEMERGE_LOCK_HELD"):
+                run_stage(project, args.stage, force=args.stage in args.force or "all" in args.force)
+            else:
+                with ProjectLock(project):
+                    run_stage(project, args.stage, force=args.stage in args.force or "all" in args.force)
+            return 0
+        pipeline(params=str(project.params_path), overrides=args.overrides, force=args.force,
+                 project_dir=str(project.root))
+        print_summary(project)
+        return 0
+    except (ConfigError, LockedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
