@@ -1,9 +1,10 @@
 """Screenshots of the MLflow UI as a user sees it, for the newest cyclemerge pipeline run.
 
 Started by ``benchmarks/ui_check.sh`` once an ``mlflow ui`` server answers at ``--url``. Finds the
-newest parent run (tag ``cyclemerge.kind = pipeline``), its stage runs and a plot PNG through the
-REST API, then drives headless Chromium over the DevTools protocol (on a pipe, so nothing beyond
-the standard library is needed). Each page is photographed only after it shows what a user should
+newest finished parent run (tag ``cyclemerge.kind = pipeline``), the runs nested in it (stages, and
+runs nested in a stage such as one per seed model) and a plot PNG through the REST API, then drives
+headless Chromium over the DevTools protocol (on a pipe, so nothing beyond the standard library is
+needed) in the UI's "Model training" view with the assistant panel shut. Each page is photographed only after it shows what a user should
 see (the run rows, the run name, a metric chart, the image), so a blank or broken page fails the
 check and names itself instead of leaving an empty screenshot behind.
 
@@ -18,6 +19,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +57,8 @@ def api(base: str, endpoint: str, body: dict | None = None, query: dict | None =
             return json.load(response)
     except urllib.error.HTTPError as e:
         raise UICheckError(f"MLflow REST {endpoint} failed: HTTP {e.code} {e.read()[:300]!r}") from None
+    except (urllib.error.URLError, TimeoutError) as e:
+        raise UICheckError(f"no answer from the MLflow server at {base} ({endpoint}): {e}") from None
 
 
 def search_runs(base: str, experiment_ids: list[str], filter_string: str, max_results: int = 1000) -> list[dict]:
@@ -72,19 +76,37 @@ def tag(run: dict, key: str) -> str | None:
 
 
 def newest_pipeline_run(base: str) -> dict:
+    """The newest finished pipeline run; the newest of any status when none has finished yet."""
     experiments = api(base, "experiments/search", {"max_results": 1000}).get("experiments", [])
     ids = [e["experiment_id"] for e in experiments]
-    runs = search_runs(base, ids, "tags.`cyclemerge.kind` = 'pipeline'", max_results=1) if ids else []
+    runs = search_runs(base, ids, "tags.`cyclemerge.kind` = 'pipeline'", max_results=50) if ids else []
     if not runs:
         raise UICheckError("the MLflow store has no cyclemerge pipeline run yet (no run tagged "
                            "cyclemerge.kind = pipeline): run `make run` first")
-    return runs[0]
+    finished = [r for r in runs if r["info"]["status"] == "FINISHED"]
+    if finished and finished[0] is not runs[0]:
+        print(f"ui-check: skipping pipeline run {runs[0]['info']['run_id']} ({runs[0]['info']['status']}); "
+              f"showing the newest finished one, {finished[0]['info']['run_id']}")
+    return finished[0] if finished else runs[0]
 
 
-def stage_runs(base: str, parent: dict) -> list[dict]:
-    info = parent["info"]
-    runs = search_runs(base, [info["experiment_id"]], f"tags.`mlflow.parentRunId` = '{info['run_id']}'")
-    return sorted(runs, key=lambda r: r["info"]["start_time"])
+def status_note(run: dict) -> str:
+    status = run["info"]["status"]
+    return "" if status == "FINISHED" else f" (the run is {status}: wait for `make run` to finish, or run it again)"
+
+
+def nested_runs(base: str, parent: dict, depth: int = 3) -> list[list[dict]]:
+    """The runs below ``parent`` level by level (stages, then runs nested in a stage such as one per
+    seed model), each level in start order."""
+    exp, levels, above = parent["info"]["experiment_id"], [], [parent["info"]["run_id"]]
+    while above and len(levels) < depth:
+        # One search per run: MLflow's filter has no IN for tags.
+        found = [r for run_id in above for r in search_runs(base, [exp], f"tags.`mlflow.parentRunId` = '{run_id}'")]
+        level = sorted(found, key=lambda r: r["info"]["start_time"])
+        if level:
+            levels.append(level)
+        above = [r["info"]["run_id"] for r in level]
+    return levels
 
 
 def metric_steps(base: str, run: dict, key: str) -> int:
@@ -221,13 +243,31 @@ class Browser:
         self.page("Page.navigate", {"url": "about:blank"})
         self.page("Page.navigate", {"url": url})
 
+    def _holds(self, predicate: str) -> bool:
+        try:
+            return bool(self.evaluate(f"Boolean({predicate})"))
+        except UICheckError as e:
+            if "context" in str(e).lower():  # asked while the page was being replaced: ask again
+                return False
+            raise
+
     def wait_for(self, predicate: str, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self.evaluate(f"Boolean({predicate})"):
+        while not self._holds(predicate):
             if time.monotonic() > deadline:
                 text = self.evaluate("document.body ? document.body.innerText.slice(0, 600) : ''")
                 raise UICheckError(f"{what} did not appear within {timeout:.0f}s; the page showed:\n{text}")
             time.sleep(0.25)
+
+    def use_model_training_view(self, base: str, timeout: float) -> None:
+        """Switch the UI to its "Model training" view (runs, models, registry) and keep the assistant
+        panel shut, as an ML researcher would after the first click; both live in the profile's
+        localStorage, so they hold for every page loaded afterwards."""
+        self.open(f"{base}/#/")
+        self.wait_for(text_shown("Experiments"), "the MLflow UI's home page", timeout)
+        self.evaluate("localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');"
+                      "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+                      "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false')")
 
     def close_assistant(self) -> None:
         # MLflow 3 opens an "MLflow Assistant" chat panel by default; it hides a third of the page.
@@ -260,13 +300,14 @@ class Shot:
 def check_ui(base: str, out: Path, chromium: str, timeout: float, settle: float) -> list[Shot]:
     parent = newest_pipeline_run(base)
     exp, parent_id = parent["info"]["experiment_id"], parent["info"]["run_id"]
-    stages = stage_runs(base, parent)
+    levels = nested_runs(base, parent)
+    stages = [run for level in levels for run in level]
     if not stages:
         raise UICheckError(f"pipeline run {parent_id} ({run_name(parent)}) has no stage runs (runs with "
-                           "mlflow.parentRunId set to it): did `make run` stop early? Run it again")
+                           f"mlflow.parentRunId set to it){status_note(parent) or ': did `make run` stop early? Run it again'}")
     picked = stage_with_curves(base, stages)
     if picked is None:
-        raise UICheckError(f"none of the {len(stages)} stage runs of {parent_id} logged a metric")
+        raise UICheckError(f"none of the {len(stages)} stage runs of {parent_id} logged a metric{status_note(parent)}")
     stage, metric_keys = picked
     plot_run, plot = parent, find_png(base, parent)
     for run in stages if plot is None else []:
@@ -275,7 +316,7 @@ def check_ui(base: str, out: Path, chromium: str, timeout: float, settle: float)
             break
     if plot is None:
         raise UICheckError(f"no PNG artifact in pipeline run {parent_id} or its stage runs (plots are logged "
-                           "under plots/); run `make run` again")
+                           f"under plots/){status_note(parent) or '; run `make run` again'}")
 
     out.mkdir(parents=True, exist_ok=True)
     for name in SHOT_NAMES:
@@ -283,18 +324,29 @@ def check_ui(base: str, out: Path, chromium: str, timeout: float, settle: float)
     root = f"{base}/#/experiments/{exp}"
     shots = []
     with Browser(chromium, timeout) as browser:
+        browser.use_model_training_view(base, timeout)
         # (a) the run list, the newest pipeline run's stage runs unfolded beneath it
         url = f"{root}/runs"
         browser.open(url)
         browser.wait_for(row_shown(parent_id), "the pipeline run's row in the run list", timeout)
         browser.close_assistant()
-        if not browser.evaluate(row_shown(stages[0]["info"]["run_id"])):
-            expander = f"[row-id={json.dumps(parent_id)}] button[data-component-id*=\"runnamecellrenderer\"]"
-            browser.evaluate(f"document.querySelector({json.dumps(expander)})?.click()")
-        browser.wait_for(" && ".join(row_shown(s["info"]["run_id"]) for s in stages),
-                         f"the {len(stages)} stage runs nested under the pipeline run", timeout)
-        shots.append(Shot(out / SHOT_NAMES[0], url, f"run list: {run_name(parent)} with its {len(stages)} stage "
-                                                    f"runs unfolded ({', '.join(map(run_name, stages))})"))
+        rows_above = 1
+        for depth, (above, level) in enumerate(zip([[parent], *levels], levels), start=1):
+            # Unfold every run that has runs nested in it, one level at a time (rows appear only once
+            # their parent is unfolded, and a second click would fold it again).
+            for run in above:
+                children = [r for r in level if tag(r, "mlflow.parentRunId") == run["info"]["run_id"]]
+                if children and not browser.evaluate(row_shown(children[0]["info"]["run_id"])):
+                    expander = f"[row-id={json.dumps(run['info']['run_id'])}] button[data-component-id*=\"runnamecellrenderer\"]"
+                    browser.evaluate(f"document.querySelector({json.dumps(expander)})?.click()")
+            # The grid renders only the rows on screen (about 24): once those are full, one row will do.
+            shown = "[" + ", ".join(row_shown(r["info"]["run_id"]) for r in level) + "].filter(Boolean).length"
+            browser.wait_for(f"{shown} >= {max(1, min(len(level), 24 - rows_above))}",
+                             f"the {len(level)} runs nested {depth} level(s) under the pipeline run", timeout)
+            rows_above += len(level)
+        names = ", ".join(run_name(r) for r in stages[:12]) + (", …" if len(stages) > 12 else "")
+        shots.append(Shot(out / SHOT_NAMES[0], url, f"run list: {run_name(parent)} with its {len(stages)} nested "
+                                                    f"runs unfolded ({names})"))
         browser.screenshot(shots[-1].path, settle)
 
         # (b) the pipeline run's overview
@@ -309,8 +361,9 @@ def check_ui(base: str, out: Path, chromium: str, timeout: float, settle: float)
         # (c) one stage run's model-metric charts
         url = f"{root}/runs/{stage['info']['run_id']}/model-metrics"
         browser.open(url)
-        browser.wait_for(f"{text_shown(metric_keys[0])} && document.querySelector('.js-plotly-plot, canvas, svg.main-svg')",
-                         f"the chart of metric {metric_keys[0]!r} of stage run {run_name(stage)}", timeout)
+        any_key = " || ".join(text_shown(k) for k in metric_keys[:10])
+        browser.wait_for(f"({any_key}) && document.querySelector('.js-plotly-plot, svg.main-svg')",
+                         f"the metric charts of stage run {run_name(stage)}", timeout)
         browser.close_assistant()
         shots.append(Shot(out / SHOT_NAMES[2], url, f"model metrics of stage run {run_name(stage)} "
                                                     f"(charts of {', '.join(metric_keys[:6])})"))
@@ -346,6 +399,8 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait before each screenshot")
     args = parser.parse_args()
     base = args.url.rstrip("/")
+    # Stopped by ui_check.sh on Ctrl-C: unwind through the `with Browser` so Chromium is closed too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         shots = check_ui(base, args.out, find_chromium(), args.timeout, args.settle)
     except UICheckError as e:

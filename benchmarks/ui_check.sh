@@ -34,25 +34,31 @@ port="$("$python_bin" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 url="http://127.0.0.1:$port"
 log="$(mktemp -t ui-check-mlflow.XXXXXX.log)"
 
-# The server runs in its own session so that stopping it also stops its uvicorn worker.
+server_pid=""
+check_pid=""
+stop_server() {
+    if [[ -n $server_pid ]]; then
+        kill -TERM -- "-$server_pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL -- "-$server_pid" 2>/dev/null || true  # whatever of its group is still there
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    rm -f "$log"
+}
+stop_check() {
+    if [[ -n $check_pid ]]; then kill -TERM "$check_pid" 2>/dev/null || true; wait "$check_pid" 2>/dev/null || true; fi
+}
+trap stop_server EXIT
+trap 'stop_check; echo "ui-check: interrupted" >&2; exit 130' INT TERM
+
+# The server runs in its own session (and process group, numbered by its pid), so that stopping
+# the group also stops the uvicorn worker it starts.
 (
     cd "$project"
     exec setsid env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true \
         "$mlflow_bin" ui --backend-store-uri "sqlite:///$db" --host 127.0.0.1 --port "$port" --workers 1
 ) >"$log" 2>&1 &
 server_pid=$!
-
-stop_server() {
-    if kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM -- "-$server_pid" 2>/dev/null || kill -TERM "$server_pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL -- "-$server_pid" 2>/dev/null || true
-    fi
-    wait "$server_pid" 2>/dev/null || true
-    rm -f "$log"
-}
-trap stop_server EXIT
-trap 'exit 130' INT TERM
 
 echo "ui-check: starting the MLflow UI on $db at $url"
 start_timeout="${UI_CHECK_START_TIMEOUT:-180}"
@@ -72,4 +78,7 @@ until curl -fsS -o /dev/null --max-time 5 "$url/health" 2>/dev/null; do
 done
 echo "ui-check: server up after $((SECONDS - started))s"
 
-"$python_bin" "$here/ui_check.py" --url "$url" --out "${UI_CHECK_OUT:-$project/ui-screenshots}"
+# In the background and waited for, so that an interrupt reaches the trap (and the browser) at once.
+"$python_bin" "$here/ui_check.py" --url "$url" --out "${UI_CHECK_OUT:-$project/ui-screenshots}" &
+check_pid=$!
+wait "$check_pid"

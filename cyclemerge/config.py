@@ -104,7 +104,7 @@ class ActivationsConfig(Section):
 class AlignConfig(Section):
     method: Literal["c2m3", "merge_many", "pairwise", "naive"] = "c2m3"
     cost: Literal["weights", "activations"] = "weights"
-    init: Literal["identity", "barycenter", "sinkhorn"] = "identity"
+    init: Literal["identity", "barycenter", "sinkhorn"] = "barycenter"
     max_iter: int = Field(200, ge=1)
     patience: int = Field(5, ge=1)
     tol: float = Field(1e-6, ge=0)
@@ -134,7 +134,9 @@ class GatesConfig(Section):
     init_off: float = Field(8.0, gt=0)
     lam: float = Field(1e-2, ge=0)
     penalty_weighting: Literal["count", "params"] = "count"
-    lr: float = Field(1e-2, gt=0)
+    # Adam moves log_alpha by about lr per step: 300 steps at 0.05 can carry a gate from 0 past the
+    # closing point (-ln 11 = -2.4) and the clamp; at 0.01 a gate could barely close at all.
+    lr: float = Field(5e-2, gt=0)
     steps: int = Field(300, ge=1)
     batch_size: int = Field(256, ge=1)
     mc_samples: int = Field(1, ge=1)

@@ -25,6 +25,8 @@ import torch
 from prefect import flow
 
 from cyclemerge.config import ConfigError
+from cyclemerge.data import DataError
+from cyclemerge.train import CheckpointError
 from tasks import activations as t_act
 from tasks import align as t_align
 from tasks import evaluate as t_eval
@@ -32,25 +34,50 @@ from tasks import gates as t_gates
 from tasks import repair as t_repair
 from tasks import train as t_train
 from tasks.common import STAGE_ORDER, LockedError, Project, ProjectLock, resolve, run_cached
-from tasks.tracking import PARENT_ENV, finish_parent, stage_run, start_parent
+from tasks.align import TooFewModelsError
+from tasks.tracking import PARENT_ENV, TrackingError, finish_parent, stage_run, start_parent
 
 
-def make_task_runner(project: Project):
+# The stages that fan out one task per model; only they are worth a Dask cluster.
+FAN_OUT_STAGES = ("train", "activations")
+
+
+def make_task_runner(project: Project, stage: str | None = None):
     orch = project.cfg.orchestration
-    if orch.task_runner == "dask":
+    if orch.task_runner == "dask" and (stage is None or stage in FAN_OUT_STAGES):
         from prefect_dask import DaskTaskRunner
 
         if orch.dask_address:
             return DaskTaskRunner(address=orch.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": orch.dask_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
-    if orch.task_runner == "sequential":
+    if orch.task_runner == "sequential" or (orch.task_runner == "dask" and stage not in FAN_OUT_STAGES):
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=orch.max_workers)
+
+
+def _api_for_workers(runner):
+    """Point Dask worker processes at this process's Prefect API.
+
+    Without an API URL every process starts its own ephemeral Prefect server; a Dask worker then
+    spends most of a minute starting one before its first task. Tasks carry the settings context to
+    the workers, so setting the URL here reaches them.
+    """
+    from contextlib import nullcontext
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if type(runner).__name__ != "DaskTaskRunner" or PREFECT_API_URL.value():
+        return nullcontext()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return temporary_settings(updates={PREFECT_API_URL: server.api_url})
 
 
 def _stage_done(project: Project, stage: str, started: float, ran: list[str], result: dict) -> dict:
@@ -114,9 +141,11 @@ STAGE_FLOWS = {"train": train_flow, "activations": activations_flow, "align": al
 
 
 def run_stage(project: Project, stage: str, force: bool = False, parent_run_id: str | None = None) -> dict:
-    stage_flow = STAGE_FLOWS[stage].with_options(task_runner=make_task_runner(project))
+    runner = make_task_runner(project, stage)
+    stage_flow = STAGE_FLOWS[stage].with_options(task_runner=runner)
     started = time.perf_counter()
-    result = stage_flow(project, force=force, parent_run_id=parent_run_id)
+    with _api_for_workers(runner):
+        result = stage_flow(project, force=force, parent_run_id=parent_run_id)
     return _stage_done(project, stage, started, [], result if isinstance(result, dict) else {"results": result})
 
 
@@ -126,31 +155,31 @@ def pipeline(params: str = "params.yaml", overrides: list[str] | None = None, fo
     """The whole DAG: train -> activations -> align -> gates -> repair -> evaluate."""
     project = Project.load(project_dir or flows._env.ROOT, params, overrides or [])
     force = set(force or [])
-    parent = start_parent(project)
-    status = "FAILED"
     timings = {}
-    try:
-        with ProjectLock(project):
+    with ProjectLock(project):  # first: a refused run must leave no trace, not even an MLflow run
+        parent = start_parent(project)
+        status = "FAILED"
+        try:
             for stage in STAGE_ORDER:
                 out = run_stage(project, stage, force=stage in force or "all" in force, parent_run_id=parent)
                 timings[stage] = {"seconds": out["seconds"], "cached": out.get("cached", False)}
-        status = "FINISHED"
-    finally:
-        finish_parent(project, parent, status)
+            status = "FINISHED"
+        finally:
+            finish_parent(project, parent, status)
     return {"stages": timings, "parent_run_id": parent}
 
 
 def run_dvc(project: Project, force: list[str]) -> int:
     """`dvc repro` under one MLflow parent run, so its stage processes nest their runs under it."""
-    parent = start_parent(project)
-    env = dict(os.environ)
-    if parent:
-        env[PARENT_ENV] = parent
-    env["CYCLEMERGE_LOCK_HELD"] = "1"
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    status = "FAILED"
-    try:
-        with ProjectLock(project):
+    with ProjectLock(project):
+        parent = start_parent(project)
+        env = dict(os.environ)
+        if parent:
+            env[PARENT_ENV] = parent
+        env["CYCLEMERGE_LOCK_HELD"] = "1"
+        dvc = str(Path(sys.executable).with_name("dvc"))
+        status = "FAILED"
+        try:
             if not (project.root / ".dvc").exists():
                 subprocess.run([dvc, "init", "-q"], cwd=project.root, check=True, env=env)
             rc = 0
@@ -158,10 +187,10 @@ def run_dvc(project: Project, force: list[str]) -> int:
                 cmd = [dvc, "repro", "--force"] + ([] if stage == "all" else ["--single-item", stage])
                 rc = rc or subprocess.run(cmd, cwd=project.root, env=env).returncode
             rc = rc or subprocess.run([dvc, "repro"], cwd=project.root, env=env).returncode
-        status = "FINISHED" if rc == 0 else "FAILED"
-        return rc
-    finally:
-        finish_parent(project, parent, status)
+            status = "FINISHED" if rc == 0 else "FAILED"
+            return rc
+        finally:
+            finish_parent(project, parent, status)
 
 
 def print_summary(project: Project) -> None:
@@ -210,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, DataError, TooFewModelsError, TrackingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: every finished stage is kept; run the same command again to resume after the last "
+              "finished stage", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -80,6 +80,6 @@ def run_activations(project: Project, *, key: str, force: bool, run_id: str | No
             stale.unlink()
     summary = {"models": n, "num_samples": project.cfg.activations.num_samples,
                "stat_points": results[0]["points"], "correlations": project.cfg.activations.correlations,
-               "params_hash": project.params_hash}
+               "params_hash": project.stage_params_hash("activations")}
     write_json(summary, project.metrics_path("activations"))
     return {"summary": summary, "cached": all(r.get("cached") for r in results)}

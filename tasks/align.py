@@ -23,6 +23,10 @@ from tasks.tracking import attach
 log = logging.getLogger("cyclemerge.align")
 
 
+class TooFewModelsError(ValueError):
+    """Fewer than two models are left to merge after the pre-filter."""
+
+
 def alignment_path(project: Project):
     return project.artifacts / "alignment" / "alignment.pt"
 
@@ -65,8 +69,8 @@ def stage_task(project: Project, *, key: str, run_id: str | None, parent_run_id:
         log.warning("model %d flagged by the pre-filter (%s): %s", i, fate, "; ".join(reasons[:3]))
         print(f"warning: model {i} flagged by the pre-filter and {fate}: {reasons[0]}", flush=True)
     if len(aligned) < 2:
-        raise RuntimeError(f"only {len(aligned)} model(s) passed the pre-filter (flagged: {screen.reasons}); "
-                           "merging needs at least 2 — check the checkpoints or raise align.outlier_norm_ratio")
+        raise TooFewModelsError(f"only {len(aligned)} model(s) passed the pre-filter (flagged: {screen.reasons}); "
+                                "merging needs at least 2 — check the checkpoints or raise align.outlier_norm_ratio")
 
     correlations = None
     if cfg.align.cost == "activations":

@@ -79,6 +79,11 @@ class Project:
             out[str(entry)] = node
         return out
 
+    def stage_params_hash(self, stage: str) -> str:
+        """Hash of the params ``dvc.yaml`` lists for ``stage``: what a stage's own outputs may record
+        (the whole-config hash would change them, and make DVC call them stale, on any param change)."""
+        return hashlib.sha256(json.dumps(self.stage_params(stage), sort_keys=True).encode()).hexdigest()[:16]
+
     def stage_deps(self, stage: str) -> list[str]:
         return [d if isinstance(d, str) else next(iter(d)) for d in self.dvc_stages[stage].get("deps", [])]
 
@@ -133,10 +138,15 @@ def run_cached(task_fn: Any, project: Project, *, key: str, force: bool = False,
     Returns the PrefectFuture when ``wait`` is false (the caller resolves it with ``resolve``).
     """
     refresh = force or not project.cfg.orchestration.cache
-    future = task_fn.with_options(refresh_cache=refresh).submit(project, key=key, **kwargs)
+    future = _in_project(task_fn, project, refresh).submit(project, key=key, **kwargs)
     if not wait:
         return future
     return resolve(task_fn, project, future, key=key, **kwargs)
+
+
+def _in_project(task_fn: Any, project: Project, refresh: bool) -> Any:
+    """The task with its results persisted in this project's ``.prefect-results/``."""
+    return task_fn.with_options(refresh_cache=refresh, result_storage=project.root / ".prefect-results")
 
 
 def resolve(task_fn: Any, project: Project, future: Any, *, key: str, **kwargs: Any) -> Any:
@@ -145,7 +155,7 @@ def resolve(task_fn: Any, project: Project, future: Any, *, key: str, **kwargs: 
     cached = future.state.name == "Cached"
     if cached and not outputs_intact(project, result):
         # A cache hit whose artifacts were deleted (e.g. by DVC) or changed: compute again.
-        result, cached = task_fn.with_options(refresh_cache=True).submit(project, key=key, **kwargs).result(), False
+        result, cached = _in_project(task_fn, project, True).submit(project, key=key, **kwargs).result(), False
     return {**result, "cached": cached} if isinstance(result, dict) else result
 
 

@@ -141,9 +141,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Stores found unusable in this process: one warning per pipeline run, not one per stage and model.
+_UNUSABLE: set[str] = set()
+
+
 def _client(project: Project):
     cfg = project.cfg.tracking
-    if not cfg.enabled:
+    if not cfg.enabled or resolve_uri(project) in _UNUSABLE:
         return None, None
     # A remote store that does not answer should cost seconds, not MLflow's default minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -163,6 +167,7 @@ def _client(project: Project):
         if cfg.on_error == "fail":
             raise TrackingError(f"MLflow store {cfg.uri} is not usable: {e}") from e
         log.warning("MLflow store %s is not usable (%s): tracking skipped, the pipeline goes on", cfg.uri, e)
+        _UNUSABLE.add(resolve_uri(project))
         return None, None
 
 
@@ -176,6 +181,7 @@ def attach(project: Project, run_id: str | None) -> Run:
 
 def start_parent(project: Project, run_name: str = "pipeline") -> str | None:
     """Create the parent run of one pipeline run; its id goes to the stages (also across processes)."""
+    _UNUSABLE.discard(resolve_uri(project))  # a new run tries the store again
     client, exp_id = _client(project)
     if client is None:
         return None

@@ -66,7 +66,7 @@ def match(
     n_models = len(state_dicts)
     corr = check_correlations(correlations, sizes, n_models) if config.cost == "activations" else None
     keys = [k for k in spec if torch.is_floating_point(state_dicts[0][k])]
-    spec_sds = [{k: sd[k].detach() for k in keys} for sd in state_dicts]
+    spec_sds = [{k: sd[k].detach() for k in spec} for sd in state_dicts]
 
     def total(perms: list[Perms]) -> float:
         return activation_objective(corr, perms) if corr is not None else objective(spec_sds, spec, perms)

@@ -24,6 +24,7 @@ from cyclemerge.matching.base import (
     check_models,
     lap_maximize,
     select_start,
+    work_dtype,
 )
 from cyclemerge.matching.metrics import activation_objective, maps_from_pairs, objective
 from cyclemerge.permutation import PermSpec, Perms, StateDict, group_sizes
@@ -63,8 +64,11 @@ def match_pair(
     """
     sizes = group_sizes(spec, target_sd)
     ties = _axes_by_group(spec, target_sd)
-    target = {k: t.detach().double() for k, t in target_sd.items() if torch.is_floating_point(t)}
-    source = {k: t.detach().double() for k, t in source_sd.items() if torch.is_floating_point(t)}
+    # float32 products unless the models are float64; gains are compared on one cost matrix, so
+    # rounding cannot make a sweep look better than it is.
+    dtype = work_dtype([target_sd, source_sd])
+    target = {k: t.detach().to(dtype) for k, t in target_sd.items() if torch.is_floating_point(t)}
+    source = {k: t.detach().to(dtype) for k, t in source_sd.items() if torch.is_floating_point(t)}
     perms = {g: (init[g].clone() if init is not None else torch.arange(n)) for g, n in sizes.items()}
     groups = list(sizes)
     gen = torch.Generator().manual_seed(seed)
@@ -73,7 +77,7 @@ def match_pair(
         for gi in torch.randperm(len(groups), generator=gen).tolist():
             g = groups[gi]
             n = sizes[g]
-            cost = torch.zeros(n, n, dtype=torch.float64)
+            cost = torch.zeros(n, n, dtype=dtype)
             for key, axis in ties.get(g, []):
                 w = source[key]
                 for other, h in enumerate(spec[key]):
@@ -82,7 +86,7 @@ def match_pair(
                 cost += _unfold(target[key], axis) @ _unfold(w, axis).T
             new = lap_maximize(cost)
             rows = torch.arange(n)
-            gain = (cost[rows, new].sum() - cost[rows, perms[g]].sum()).item()
+            gain = (cost[rows, new].double().sum() - cost[rows, perms[g]].double().sum()).item()
             progress = progress or gain > 1e-12
             perms[g] = new
         if not progress:
