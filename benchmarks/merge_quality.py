@@ -670,6 +670,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                                           f" + a bad copy of seed {d['seeds'][-1]}), user-checkpoint path"))
     sections.append(md_targets(report["targets"]))
     markdown = "\n\n".join(sections) + "\n"
+    if len(sets) == 1:  # a mean over one set says nothing new
+        markdown = "\n".join(line for line in markdown.split("\n") if not line.startswith("| **mean ± std** |"))
     args.out.with_suffix(".md").write_text(markdown)
     with args.out.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.writer(f)

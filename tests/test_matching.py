@@ -195,6 +195,16 @@ def test_c2m3_maps_compose_to_identity_and_pairwise_maps_do_not(trained):
     assert all(torch.equal(pairwise.perms[1][g], maps[(0, 1)][g]) for g in sizes)
 
 
+def test_pairwise_matches_every_model_to_the_reference(trained):
+    sds, spec = trained
+    result = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(method="pairwise", reference=2, seed=4))
+    assert is_identity(result.perms[2])
+    for i in (0, 1):
+        direct = matching.match_pair(sds[2], sds[i], spec, seed=4, max_iter=200)
+        assert all(torch.equal(result.perms[i][g], direct[g]) for g in direct)
+    assert set(matching.pairwise_maps(result)) == set(itertools.permutations(range(3), 2))
+
+
 def test_cycle_error_counts_units_not_sent_home():
     swap = {"g": torch.tensor([1, 0, 2, 3])}
     ident = {"g": torch.arange(4)}

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,10 @@ def recomputed(out: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
-    return make_project(tmp_path_factory.mktemp("orch") / "proj")
+    # One worker per core gives each seed model one torch thread, as a Dask worker has: float sums
+    # then add up in the same order, so the threads and Dask runs can be compared bit for bit.
+    return make_project(tmp_path_factory.mktemp("orch") / "proj",
+                        {"orchestration": {"max_workers": os.cpu_count() or 1}})
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +197,36 @@ def test_serve_builds_a_scheduled_deployment_and_a_run_of_it_completes(runs, pro
     # The run used the deployment's override: evaluate recomputed with 4 interpolation points.
     curve = json.loads((project / "plots" / "interpolation.json").read_text())
     assert sorted({r["lambda"] for r in curve}) == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]
+
+
+def test_the_server_turns_the_cron_schedule_into_runs_at_0300(tmp_path, prefect_harness):
+    """The path the server's scheduler service takes (the harness runs no scheduler: call it directly).
+
+    Prefect 3.8's insert of scheduled runs fails under SQLAlchemy 2.1 ("Can't evaluate bulk DML
+    statement"), and a served schedule then never fires; SQLAlchemy 2.0 works.
+    """
+    import httpx
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.serve import make_deployment
+
+    root = make_project(tmp_path / "proj")
+    deployment_id = make_deployment(name="at-three", cron="0 3 * * *", project_dir=root).apply()
+    # Plain POSTs: the Prefect client would retry the server error of a broken scheduler for minutes.
+    for _ in range(10):  # 503: the harness's SQLite database is busy; try again
+        response = httpx.post(f"{PREFECT_API_URL.value()}/deployments/{deployment_id}/schedule",
+                              json={"min_runs": 3, "max_runs": 3}, timeout=60)
+        if response.status_code != 503:
+            break
+        time.sleep(2)
+    assert response.status_code == 200, response.text[-2000:]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    starts = sorted(r.expected_start_time for r in runs)
+    assert len(starts) == 3 and all((t.hour, t.minute) == (3, 0) for t in starts)
+    assert all(r.state.is_scheduled() and r.parameters["project_dir"] == str(root) for r in runs)
 
 
 def test_serve_rejects_bad_schedules_and_params_before_serving(project, capsys):

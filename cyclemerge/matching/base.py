@@ -29,6 +29,8 @@ ScoreFn = Callable[[list[Perms]], float]
 Correlations = dict[str, torch.Tensor]
 """group -> [N, N, n, n]; ``C[a, b, i, j]`` = correlation of unit i of model a with unit j of model b."""
 
+_SKIP = object()  # marks values MatchReport.summary() leaves out
+
 
 @dataclass
 class MatchReport:
@@ -51,7 +53,7 @@ class MatchReport:
                 return _SKIP
             return value
 
-        extra = {k: v for k, v in plain(self.extra).items() if k != "pairwise_maps"}
+        extra = plain({k: v for k, v in self.extra.items() if k != "pairwise_maps"})
         return {
             "method": self.method,
             "iterations": self.iterations,
@@ -59,9 +61,6 @@ class MatchReport:
             "objective_history": list(self.objective_history),
             "extra": extra,
         }
-
-
-_SKIP = object()
 
 
 @dataclass

@@ -87,10 +87,15 @@ def match(
                     new, old_value, new_value = _match_to_others_by_activations(corr, perms, i)
                 else:
                     target = average([u for j, u in enumerate(universe) if j != i])
-                    new = match_pair(target, spec_sds[i], spec, seed=inner_seed, max_iter=config.max_iter)
+                    # Warm start from the model's current map, as Git Re-Basin matches the already permuted
+                    # model: coordinate descent then only moves it when that gains, so rounds converge.
+                    new = match_pair(target, spec_sds[i], spec, seed=inner_seed, max_iter=config.max_iter,
+                                     init=perms[i])
                     moved = apply_perms(spec_sds[i], spec, new)
                     old_value, new_value = _inner(target, universe[i], keys), _inner(target, moved, keys)
-                if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
+                # align.tol (relative), as for C2M3: gains below it are rounding-level reshuffles of
+                # near-tied units that would keep the rounds going without moving the merge.
+                if new_value > old_value + config.tol * max(1.0, abs(old_value)):
                     perms[i] = new
                     changed = True
                     if corr is None:

@@ -100,9 +100,12 @@ def cosine_similarity(state_dicts: Sequence[StateDict], keys: Sequence[str] | No
 
 
 def maps_from_pairs(pair_perms: dict[tuple[int, int], Perms], n_models: int) -> PairMaps:
-    """Complete maps computed for a < b (b expressed in a's basis) with their inverses for b > a."""
+    """Complete one computed map per unordered pair ((a, b): b expressed in a's basis) with its inverse."""
     maps: PairMaps = {}
-    for a, b in itertools.combinations(range(n_models), 2):
-        maps[(a, b)] = pair_perms[(a, b)]
-        maps[(b, a)] = invert(pair_perms[(a, b)])
+    for (a, b), p in pair_perms.items():
+        maps[(a, b)] = p
+        maps[(b, a)] = invert(p)
+    missing = [(a, b) for a, b in itertools.permutations(range(n_models), 2) if (a, b) not in maps]
+    if missing:
+        raise ValueError(f"maps_from_pairs: no map for pairs {missing[:5]}")
     return maps

@@ -111,7 +111,9 @@ def match(
     """Pairwise-to-reference: model ``config.reference`` keeps its basis, every other model is matched to it.
 
     Restarts use seeds seed, seed+1, ... for the random group order. ``report.extra['pairwise_maps']``
-    holds the map of every pair computed pair by pair (b matched to a for a < b, inverted for b > a).
+    holds the map of every pair computed pair by pair, as a Git Re-Basin user gets them: each model
+    matched to the reference, and for pairs without the reference the later model matched to the
+    earlier one; the opposite direction is the inverse.
     """
     t0 = time.perf_counter()
     sizes = check_models(state_dicts, spec)
@@ -128,7 +130,7 @@ def match(
     def final_objective(perms: list[Perms]) -> float:
         return activation_objective(corr, perms) if corr is not None else objective(state_dicts, spec, perms)
 
-    def final_objective_of_pair(a: int, b: int, pa: Perms, pb: Perms) -> float:
+    def pair_objective(a: int, b: int, pa: Perms, pb: Perms) -> float:
         if corr is not None:
             return activation_objective({g: c[[a, b]][:, [a, b]] for g, c in corr.items()}, [pa, pb])
         return objective([state_dicts[a], state_dicts[b]], spec, [pa, pb])
@@ -137,10 +139,11 @@ def match(
         t_start, seed = time.perf_counter(), config.seed + k
         computed: dict[tuple[int, int], Perms] = {}
         for step, (a, b) in enumerate(itertools.combinations(range(n_models), 2), start=1):
+            a, b = (b, a) if b == ref else (a, b)  # the reference is always the target
             computed[(a, b)] = pair(a, b, seed)
             if progress is not None:
                 identity = {g: torch.arange(n) for g, n in sizes.items()}
-                progress(step, final_objective_of_pair(a, b, identity, computed[(a, b)]))
+                progress(step, pair_objective(a, b, identity, computed[(a, b)]))
         maps = maps_from_pairs(computed, n_models)
         perms = [{g: torch.arange(n) for g, n in sizes.items()} if i == ref else maps[(ref, i)] for i in range(n_models)]
         value = final_objective(perms)
