@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DVC_NO_ANALYTICS := 1
 unexport PIP_CONSTRAINT
 
-.PHONY: venv run pipeline test test-fast ui ui-check data bench clean
+.PHONY: venv run pipeline serve test test-fast ui ui-check bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements-lock.txt pyproject.toml
@@ -29,6 +29,11 @@ run: venv
 # The same DAG as one Prefect flow run (what a deployment runs), without DVC.
 pipeline: venv
 	@$(BIN)/python -m flows.pipeline
+
+# Serve the pipeline flow on a schedule (a Prefect deployment; CRON or INTERVAL seconds).
+CRON ?= 0 3 * * *
+serve: venv
+	@$(BIN)/python -m flows.serve --cron "$(CRON)"
 
 test: venv
 	@$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

@@ -172,14 +172,14 @@ def align_row(bench: Bench, sds: list[dict], stats: list[dict], **update) -> tup
     return row, result
 
 
-def c2m3_keys(bench: Bench) -> list[str]:
-    """The pipeline's C2M3 (config defaults) and, when its init is not identity, C2M3 from the identity."""
-    return ["c2m3"] + (["c2m3_identity"] if bench.cfg.align.init != "identity" else [])
+def c2m3_keys(init: str) -> list[str]:
+    """The pipeline's C2M3 (config defaults, start ``init``) and, unless that is the identity, C2M3 from the identity."""
+    return ["c2m3"] + (["c2m3_identity"] if init != "identity" else [])
 
 
-def label(bench: Bench, key: str) -> str:
+def label(init: str, key: str) -> str:
     if key == "c2m3":
-        return f"C2M3 (default, init {bench.cfg.align.init})"
+        return f"C2M3 (default, init {init})"
     return {"c2m3_identity": "C2M3 (init identity)", **LABELS}.get(key, key)
 
 
@@ -190,7 +190,7 @@ def part_a(bench: Bench, seeds: list[int], aligned: dict) -> dict:
     stats = [bench.seed_stats(s) for s in seeds]
     endpoints = {s: bench.score(sd) for s, sd in zip(seeds, sds)}
     rows = {}
-    for key in [*METHODS[:-1], *c2m3_keys(bench)]:
+    for key in [*METHODS[:-1], *c2m3_keys(bench.cfg.align.init)]:
         update = {"method": "c2m3", "init": "identity"} if key == "c2m3_identity" else {"method": key}
         rows[key], aligned[key] = align_row(bench, sds, stats, restarts=1, **update)
     restarts = {}
@@ -202,7 +202,7 @@ def part_a(bench: Bench, seeds: list[int], aligned: dict) -> dict:
     for init in ("identity", "barycenter"):
         for anchor in (True, False):
             name = f"init {init}, anchor {'model 0' if anchor else 'none'}"
-            same = [k for k in c2m3_keys(bench) if anchor == bench.cfg.align.anchor
+            same = [k for k in c2m3_keys(bench.cfg.align.init) if anchor == bench.cfg.align.anchor
                     and init == ("identity" if k == "c2m3_identity" else bench.cfg.align.init)]
             variants[name] = rows[same[0]] if same else align_row(bench, sds, stats, method="c2m3", restarts=1,
                                                                   init=init, anchor=anchor)[0]
@@ -217,7 +217,7 @@ def part_b(bench: Bench, seeds: list[int], aligned: dict) -> dict:
     sds = [bench.seed_model(s) for s in seeds]
     stats = [bench.seed_stats(s) for s in seeds]
     rows = {}
-    for key in [*METHODS[:-1], *c2m3_keys(bench)]:
+    for key in [*METHODS[:-1], *c2m3_keys(bench.cfg.align.init)]:
         if key not in aligned:
             update = {"method": "c2m3", "init": "identity"} if key == "c2m3_identity" else {"method": key}
             aligned[key], _ = bench.align(sds, restarts=1, **update)
@@ -367,7 +367,9 @@ def pct(v) -> str:
 
 
 def num(v, digits: int = 4) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+    if v is None:
+        return "—"
+    return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.{digits}f}"
 
 
 def ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -381,7 +383,7 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def md_a(sets: dict, bench: Bench) -> str:
+def md_a(sets: dict, init: str) -> str:
     out = ["### A. Alignment: uniform merge in the universe (no REPAIR, no gates)", ""]
     all_a = [res["A"] for res in sets.values()]
     keys = list(all_a[0]["methods"])
@@ -389,13 +391,13 @@ def md_a(sets: dict, bench: Bench) -> str:
     for name, a in zip(sets, all_a):
         rows.append([name, "mean endpoint", pct(a["endpoint_mean"]["acc"]), num(a["endpoint_mean"]["loss"]), "", "", ""])
         for m, r in a["methods"].items():
-            rows.append([name, label(bench, m), pct(r["acc"]), num(r["loss"]), f"{r['objective']:.1f}", num(r["cycle_error"]),
+            rows.append([name, label(init, m), pct(r["acc"]), num(r["loss"]), f"{r['objective']:.1f}", num(r["cycle_error"]),
                          f"{r['seconds']:.1f}"])
     rows.append(["**mean ± std**", "mean endpoint", ms([a["endpoint_mean"]["acc"] for a in all_a]),
                  ms([a["endpoint_mean"]["loss"] for a in all_a], 1, 4), "", "", ""])
     for m in keys:
         rs = [a["methods"][m] for a in all_a]
-        rows.append(["**mean ± std**", label(bench, m), ms([r["acc"] for r in rs]), ms([r["loss"] for r in rs], 1, 4),
+        rows.append(["**mean ± std**", label(init, m), ms([r["acc"] for r in rs]), ms([r["loss"] for r in rs], 1, 4),
                      ms([r["objective"] for r in rs], 1, 1), ms([r["cycle_error"] for r in rs], 1, 4),
                      ms([r["seconds"] for r in rs], 1, 1)])
     out.append(table(["set", "method", "test acc %", "test loss", "objective", "cycle error", "align s"], rows))
@@ -403,7 +405,7 @@ def md_a(sets: dict, bench: Bench) -> str:
     out += ["", "C2M3 restarts (3 starts: identity, barycenter, sinkhorn seed 0) against single starts; `+R` = after REPAIR:", ""]
     picks = {"restarts, select by objective": ("restarts", "objective"),
              "restarts, select by calibration loss": ("restarts", "calibration_loss"),
-             **{f"single start: {label(bench, k)}": ("methods", k) for k in c2m3_keys(bench)}}
+             **{f"single start: {label(init, k)}": ("methods", k) for k in c2m3_keys(init)}}
     rows = []
     for name, a in zip(sets, all_a):
         for v, (group, key) in picks.items():
@@ -440,15 +442,15 @@ def md_a(sets: dict, bench: Bench) -> str:
     return "\n".join(out)
 
 
-def md_b(sets: dict, bench: Bench) -> str:
+def md_b(sets: dict, init: str) -> str:
     rows = []
     for name, res in sets.items():
         for m, r in res["B"].items():
-            rows.append([name, label(bench, m), pct(r["acc"]), num(r["loss"]), pct(r["repair_acc"]), num(r["repair_loss"]),
+            rows.append([name, label(init, m), pct(r["acc"]), num(r["loss"]), pct(r["repair_acc"]), num(r["repair_loss"]),
                          f"{100 * (r['repair_acc'] - r['acc']):+.2f}"])
     for m in next(iter(sets.values()))["B"]:
         rs = [res["B"][m] for res in sets.values()]
-        rows.append(["**mean ± std**", label(bench, m), ms([r["acc"] for r in rs]), ms([r["loss"] for r in rs], 1, 4),
+        rows.append(["**mean ± std**", label(init, m), ms([r["acc"] for r in rs]), ms([r["loss"] for r in rs], 1, 4),
                      ms([r["repair_acc"] for r in rs]), ms([r["repair_loss"] for r in rs], 1, 4),
                      ms([r["repair_acc"] - r["acc"] for r in rs])])
     return "\n".join(["### B. REPAIR (uniform merge; goal statistics of the universe-aligned endpoints)", "",
@@ -591,7 +593,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="read seeds 1..N from a pipeline's artifacts/models/model_{i}.pt instead of training")
     parser.add_argument("--d-set", default=None, help="seed set for part D (default: the first of --sets)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite the .md/.csv (and targets) from the JSON at --out; measure nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        print(write_outputs(json.loads(args.out.read_text()), args.out))
+        return 0
     torch.set_num_threads(args.threads)
     return run(args, Config(data=DataConfig(root=args.data_root), model=ModelConfig(hidden=args.hidden)))
 
@@ -623,7 +630,6 @@ def code_version() -> dict:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """All requested parts on ``cfg`` (the pipeline's defaults but for the model widths and data root)."""
     bench = Bench(cfg, load_data(cfg.data), args.cache, args.checkpoint_dir)
-    default_width = list(args.hidden) == list(ModelConfig().hidden)
     meta = {"date": date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "threads": args.threads,
             "model": cfg.model.model_dump(), "train": cfg.train.model_dump(), "align": cfg.align.model_dump(),
@@ -651,18 +657,29 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     used = sorted({s for v in report["sets"].values() for s in v["seeds"]} | set(report["D"]["seeds"] if report["D"] else []))
     meta["checkpoints"] = {str(s): {"path": str(bench.checkpoint_path(s)), "sha256": file_digest(bench.checkpoint_path(s))}
                            for s in used if bench.checkpoint_path(s).exists()}
-    sets = {k: v for k, v in report["sets"].items() if len(v) > 1}
-    report["targets"] = targets(sets, report["D"]["cases"] if report["D"] else None, default_width,
-                                {k: label(bench, k) for k in ("c2m3", "c2m3_identity")})
     save()
+    print(write_outputs(report, args.out))
+    return 0
 
-    width = "-".join(map(str, args.hidden))
-    sections = [f"## MLP {width}: seed sets {', '.join(args.sets)}"]
-    if sets and "A" in args.parts:
-        sections.append(md_a(sets, bench))
-    if sets and "B" in args.parts:
-        sections.append(md_b(sets, bench))
-    if sets and "C" in args.parts:
+
+def write_outputs(report: dict, out: Path) -> str:
+    """Targets, markdown (``out`` with .md) and a flat CSV (.csv) from a finished report; returns the markdown."""
+    meta = report["meta"]
+    init = meta["align"]["init"]
+    sets = {k: v for k, v in report["sets"].items() if len(v) > 1}
+    parts = {p for v in sets.values() for p in ("A", "B", "C") if p in v}
+    default_width = list(meta["model"]["hidden"]) == list(ModelConfig().hidden)
+    report["targets"] = targets(sets, report["D"]["cases"] if report["D"] else None, default_width,
+                                {k: label(init, k) for k in ("c2m3", "c2m3_identity")})
+    out.write_text(json.dumps(report, indent=1, default=str))
+
+    width = "-".join(map(str, meta["model"]["hidden"]))
+    sections = [f"## MLP {width}: seed sets {', '.join(report['sets'])}"]
+    if "A" in parts:
+        sections.append(md_a(sets, init))
+    if "B" in parts:
+        sections.append(md_b(sets, init))
+    if "C" in parts:
         sections.append(md_c(sets))
     if report["D"]:
         d = report["D"]
@@ -672,17 +689,15 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     markdown = "\n\n".join(sections) + "\n"
     if len(sets) == 1:  # a mean over one set says nothing new
         markdown = "\n".join(line for line in markdown.split("\n") if not line.startswith("| **mean ± std** |"))
-    args.out.with_suffix(".md").write_text(markdown)
-    with args.out.with_suffix(".csv").open("w", newline="") as f:
+    out.with_suffix(".md").write_text(markdown)
+    with out.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["set", "metric", "value"])
         for name, res in report["sets"].items():
             writer.writerows((name, k, v) for k, v in flat_rows({p: res[p] for p in ("A", "B", "C") if p in res}))
         if report["D"]:
             writer.writerows(("D", k, v) for k, v in flat_rows(report["D"]["cases"]))
-    print(markdown)
-    return 0
-
+    return markdown
 
 if __name__ == "__main__":
     raise SystemExit(main())

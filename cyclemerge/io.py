@@ -60,7 +60,8 @@ def file_hash(path: str | Path) -> str:
     """sha256 of a file or, for a folder, of its files' relative names and contents."""
     path = Path(path)
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and "__pycache__" not in p.parts)
     for p in files:
         h.update(str(p.relative_to(path) if p != path else p.name).encode())
         with open(p, "rb") as f:

@@ -7,6 +7,7 @@ beside the weights, so it can be explained and reloaded without the params file.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from cyclemerge.models import build_model
 from cyclemerge.permutation import StateDict
 
 CHECKPOINT_FORMAT = "cyclemerge-checkpoint/1"
+_INIT_LOCK = threading.Lock()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,8 +65,9 @@ def train_model(
 ) -> TrainResult:
     """Train one model from ``seed`` on the training subset of the TRAIN split (never the test split)."""
     device = resolve_device(train_cfg.device)
-    torch.manual_seed(seed)
-    model = model_for(model_cfg, data).to(device)
+    with _INIT_LOCK:  # initialisation draws from torch's global RNG: seeds trained in threads must not interleave
+        torch.manual_seed(seed)
+        model = model_for(model_cfg, data).to(device)
     x_all = data.train_x[data.train_idx]
     y_all = data.train_y[data.train_idx]
     if device.type == "cuda":

@@ -124,6 +124,7 @@ def test_checkpoint_faults_stop_the_train_stage_with_the_file_and_the_fix(ckpt_p
         assert artifact_files(root) == [], bad
 
 
+@pytest.mark.slow
 def test_a_non_finite_checkpoint_is_dropped_with_a_warning_and_the_rest_merge(ckpt_project, cli, prefect_harness):
     root = ckpt_project
     broken = mlp_state(seed=5)
@@ -141,6 +142,7 @@ def test_a_non_finite_checkpoint_is_dropped_with_a_warning_and_the_rest_merge(ck
     assert "model 1 dropped by the pre-filter" in (root / "reports" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_fewer_than_two_usable_models_is_a_clear_error(ckpt_project, cli, prefect_harness):
     root = ckpt_project
     broken = mlp_state(seed=5)
@@ -203,6 +205,7 @@ def test_a_calibration_slice_larger_than_the_train_split_exits_2(tmp_path, cli, 
 # --- crashes, concurrent runs, tracking -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_stage_leaves_no_partial_artifact_and_the_rerun_resumes(tmp_path, cli, monkeypatch, caplog,
                                                                           prefect_harness):
     """Ctrl-C while repair writes merged.pt, with an unreachable MLflow store (on_error: warn)."""
