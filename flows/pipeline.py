@@ -80,7 +80,7 @@ def _api_for_workers(runner):
     return temporary_settings(updates={PREFECT_API_URL: server.api_url})
 
 
-def _stage_done(project: Project, stage: str, started: float, ran: list[str], result: dict) -> dict:
+def _stage_done(project: Project, stage: str, started: float, result: dict) -> dict:
     seconds = time.perf_counter() - started
     cached = result.get("cached", False)
     print(f"[{stage:>11}] {'cached' if cached else 'done'} in {seconds:6.1f} s", flush=True)
@@ -146,7 +146,7 @@ def run_stage(project: Project, stage: str, force: bool = False, parent_run_id: 
     started = time.perf_counter()
     with _api_for_workers(runner):
         result = stage_flow(project, force=force, parent_run_id=parent_run_id)
-    return _stage_done(project, stage, started, [], result if isinstance(result, dict) else {"results": result})
+    return _stage_done(project, stage, started, result if isinstance(result, dict) else {"results": result})
 
 
 @flow(name="cyclemerge-pipeline")
