@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DVC_NO_ANALYTICS := 1
 unexport PIP_CONSTRAINT
 
-.PHONY: venv run pipeline serve test test-fast ui ui-check bench clean
+.PHONY: venv run pipeline serve grid test test-fast ui ui-check bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements-lock.txt pyproject.toml
@@ -34,6 +34,11 @@ pipeline: venv
 CRON ?= 0 3 * * *
 serve: venv
 	@$(BIN)/python -m flows.serve --cron "$(CRON)"
+
+# A comparison grid (benchmarks/grids/*.yaml): one pipeline run per point, seed models shared via .cache/grid.
+GRID ?= benchmarks/grids/paper.yaml
+grid: venv
+	@$(BIN)/python -m flows.benchmark $(GRID)
 
 test: venv
 	@$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

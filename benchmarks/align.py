@@ -2,6 +2,7 @@
 
     python benchmarks/align.py                                   # the full grid, every device present
     python benchmarks/align.py --archs mlp,resnet20-x2 --models 2,3,5 --out benchmarks/results/align.md
+    python benchmarks/align.py --trained artifacts/models --models 5 --out benchmarks/results/align_trained.md
 
 Grid: method x number of models N x architecture (MLP 784-512-512-512-256-10 on 1x28x28; ResNet20
 x2 / x4 and VGG16 on 3x32x32, LayerNorm), on CPU and on CUDA when available. Each cell aligns N
@@ -11,6 +12,8 @@ sum_{a<b} <U_a, U_b>. Random-init weights have no shared structure to find, so i
 (and hence times) are typically HIGHER than for trained models; objectives are comparable only
 within a row group (same architecture and N). ``pairwise`` matches every pair (N(N-1)/2 matchings, kept
 for the cycle-error metric), not only the N-1 its merge uses. Only torch and scipy are needed.
+With ``--trained DIR`` the models are the pipeline checkpoints ``DIR/model_*.pt`` (first N of them),
+built from the architecture stored in each checkpoint.
 """
 
 from __future__ import annotations
@@ -49,8 +52,19 @@ def random_models(arch: str, n_models: int) -> tuple[list[dict], dict]:
     return sds, model.perm_spec()
 
 
-def run_cell(arch: str, n_models: int, method: str, device: str) -> dict:
-    sds, spec = random_models(arch, n_models)
+def trained_models(folder: Path, n_models: int) -> tuple[list[dict], dict]:
+    files = sorted(folder.glob("model_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:n_models]
+    if len(files) < n_models:
+        raise SystemExit(f"--trained {folder}: {len(files)} checkpoint(s) model_*.pt, {n_models} asked for")
+    ckpts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    data = ckpts[0]["data"]
+    model = build_model(ModelConfig(**ckpts[0]["model"]), in_channels=data["in_channels"],
+                        image_size=data["image_size"], num_classes=data["num_classes"])
+    return [c["state_dict"] for c in ckpts], model.perm_spec()
+
+
+def run_cell(arch: str, n_models: int, method: str, device: str, trained: Path | None = None) -> dict:
+    sds, spec = trained_models(trained, n_models) if trained else random_models(arch, n_models)
     config = AlignConfig(method=method, device=device)
     if device == "cuda":
         sds = [{k: v.cuda() for k, v in sd.items()} for sd in sds]
@@ -92,13 +106,19 @@ def main() -> None:
     parser.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip", default="", help="comma list of arch:N cells to leave out, e.g. vgg16:10")
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="folder of trained checkpoints model_*.pt (replaces --archs)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/align.md"))
     args = parser.parse_args()
+    if args.trained:
+        args.archs = f"trained:{args.trained}"
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = {tuple(s.split(":")) for s in args.skip.split(",") if s}
     header = (f"# Alignment benchmark ({datetime.now():%Y-%m-%d %H:%M})\n\n"
-              f"Models are RANDOMLY INITIALIZED (seeds 0..N-1), not trained. Machine: {machine()}.\n"
+              + (f"Models are TRAINED checkpoints from {args.trained}. " if args.trained else
+                 "Models are RANDOMLY INITIALIZED (seeds 0..N-1), not trained. ")
+              + f"Machine: {machine()}.\n"
               f"Command: `python benchmarks/align.py {' '.join(sys.argv[1:])}`\n\n")
     rows: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +128,7 @@ def main() -> None:
                 continue
             for method in args.methods.split(","):
                 for device in args.devices.split(","):
-                    row = run_cell(arch, n_models, method, device)
+                    row = run_cell(arch, n_models, method, device, args.trained)
                     rows.append(row)
                     print(f"{arch:12s} N={n_models:<2d} {method:10s} {device:4s} {row['seconds']:8.2f}s "
                           f"{row['iterations']:4d} it  objective {row['objective']:.6g}", flush=True)

@@ -264,7 +264,8 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for key, value in parse_overrides(overrides or []):
         set_override(raw, key, value)
-    return config_from_dict(raw, source=str(path))
+    source = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+    return config_from_dict(raw, source=source)
 
 
 def config_from_dict(raw: dict, source: str = "params") -> Config:

@@ -10,7 +10,7 @@ from prefect import task
 from cyclemerge import evaluate as ev
 from cyclemerge import matching
 from cyclemerge.io import load_torch, write_json, write_text
-from cyclemerge.merge import average, baseline_merges
+from cyclemerge.merge import average, baseline_merges, merge_and_repair
 from cyclemerge.permutation import pairwise_map
 from cyclemerge.plots import plot_cycle_paths, plot_interpolation, plot_method_bars
 from cyclemerge.report import params_from_config, render_summary, short_table
@@ -79,6 +79,14 @@ def stage_task(project: Project, *, key: str, run_id: str | None, parent_run_id:
     main = BASELINE_LABELS[cfg.align.method]
     uniform = average(universe)
     results[f"{main} uniform"] = _scores(model, uniform, splits, bs)
+    x_cal, _ = calibration_set(data, cfg.repair.num_samples)
+    stats = load_endpoint_stats(project, kept) if cfg.repair.method == "repair" else None
+    if cfg.gates.enabled and cfg.repair.method != "none":
+        # The paper's "C2M3 + REPAIR" (no gates); without gates it is the final model below.
+        _, uniform_repaired = merge_and_repair(model, universe, method=cfg.repair.method, x=x_cal,
+                                               batch_size=cfg.repair.batch_size, endpoint_stats=stats,
+                                               perms=alignment["perms"], merged=uniform)
+        results[f"{main} uniform + {cfg.repair.method}"] = _scores(model, uniform_repaired, splits, bs)
     if cfg.gates.enabled:
         results[f"{main} + gates"] = _scores(model, gates["merged"], splits, bs)
     final_name = f"{main}{' + gates' if cfg.gates.enabled else ' uniform'} + {cfg.repair.method}"
@@ -87,9 +95,7 @@ def stage_task(project: Project, *, key: str, run_id: str | None, parent_run_id:
     else:
         final_name = f"{main} + gates" if cfg.gates.enabled else f"{main} uniform"
 
-    x_cal, _ = calibration_set(data, cfg.repair.num_samples)
     methods = [m for m in cfg.evaluate.baselines if m in BASELINE_LABELS and m != cfg.align.method]
-    stats = load_endpoint_stats(project, kept) if cfg.repair.method == "repair" else None
     baselines = baseline_merges(model, sds, methods=methods, align_config=cfg.align, repair_method=cfg.repair.method,
                                 x=x_cal, batch_size=cfg.repair.batch_size, endpoint_stats=stats)
     for m, b in baselines.items():

@@ -72,6 +72,9 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
         load_config(p, ["gates.lam"])
     with pytest.raises(ConfigError, match="gates.lam"):
         load_config(p, ["gates.lam=-1"])
+    # A bad --set key is blamed on the override, not on the (valid) params file alone.
+    with pytest.raises(ConfigError, match=r"p.yaml with --set gates.lamda=0.1(.|\n)*gates.lamda: unknown key"):
+        load_config(p, ["gates.lamda=0.1"])
 
 
 def test_section_hash_changes_only_with_its_sections():

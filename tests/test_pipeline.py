@@ -33,6 +33,7 @@ def test_flow_runs_every_stage_and_writes_the_promised_metrics(flow_run):
     assert list(out["stages"]) == ["train", "activations", "align", "gates", "repair", "evaluate"]
     ev = json.loads((root / "metrics" / "evaluate.json").read_text())
     assert {"endpoints", "ensemble", "merged", "naive", "params_hash"} <= set(ev)
+    assert {"C2M3 uniform", "C2M3 uniform + repair", "C2M3 + gates", "C2M3 + gates + repair"} <= set(ev["methods"])
     assert len([k for k in ev["endpoints"] if k != "mean"]) == 3
     for block in (ev["ensemble"], ev["merged"], ev["naive"], *ev["endpoints"].values()):
         assert 0.0 <= block["test_acc"] <= 1.0 and block["test_loss"] > 0
