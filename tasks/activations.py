@@ -3,6 +3,8 @@ and the cross-model correlations that activation-based matching needs."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from prefect import task
 
@@ -42,13 +44,14 @@ def model_stats(project: Project, *, key: str, index: int) -> dict:
     if project.cfg.orchestration.task_runner == "dask":
         torch.set_num_threads(1)
     cfg = project.cfg
+    started = time.perf_counter()
     data = load_stage_data(project)
     model = model_for(cfg.model, data)
     model.load_state_dict(load_torch(project.model_path(index))["state_dict"])
     x = calibration_inputs(project, data, cfg.activations.num_samples)
     stats = channel_stats(model.eval(), x, batch_size=cfg.activations.batch_size)
     path = save_torch({"stats": stats_to_tensors(stats), "num_samples": len(x)}, stats_path(project, index))
-    return manifest(project, [path], index=index, points=len(stats))
+    return manifest(project, [path], index=index, points=len(stats), seconds=time.perf_counter() - started)
 
 
 @task(name="cross-correlations", cache_key_fn=by_key, persist_result=True)
@@ -80,6 +83,9 @@ def run_activations(project: Project, *, key: str, force: bool, run_id: str | No
             stale.unlink()
     summary = {"models": n, "num_samples": project.cfg.activations.num_samples,
                "stat_points": results[0]["points"], "correlations": project.cfg.activations.correlations,
-               "params_hash": project.stage_params_hash("activations")}
+               "params_hash": project.stage_params_hash("activations"),
+               # Summed over the models' tasks (which may run side by side); taken from the cached
+               # results, so a cached rerun rewrites this file unchanged and DVC sees nothing new.
+               "seconds": sum(r.get("seconds", 0.0) for r in results)}
     write_json(summary, project.metrics_path("activations"))
     return {"summary": summary, "cached": all(r.get("cached") for r in results)}

@@ -39,6 +39,7 @@ def test_flow_runs_every_stage_and_writes_the_promised_metrics(flow_run):
         assert 0.0 <= block["test_acc"] <= 1.0 and block["test_loss"] > 0
     # Merging learnable synthetic models must beat chance (4 classes) by far after alignment.
     assert ev["merged"]["test_acc"] > 0.6
+    assert json.loads((root / "metrics" / "activations.json").read_text())["seconds"] > 0
     align = json.loads((root / "metrics" / "align.json").read_text())
     assert align["cycle_error"] == 0.0 and align["cosine_after"] > align["cosine_before"]
     for name in ("models/model_0.pt", "activations/model_2.pt", "alignment/alignment.pt", "gates/gates.pt",
