@@ -76,13 +76,18 @@ def tag(run: dict, key: str) -> str | None:
 
 
 def newest_pipeline_run(base: str) -> dict:
-    """The newest finished pipeline run; the newest of any status when none has finished yet."""
+    """The newest finished pipeline run that evaluated a merge (a rerun that found every stage up to
+    date, or one that reran only a stage or two, has little to show); grid points (experiments named
+    ``*-grid``) only when nothing else exists. The newest of any status when none has finished yet."""
     experiments = api(base, "experiments/search", {"max_results": 1000}).get("experiments", [])
-    ids = [e["experiment_id"] for e in experiments]
+    ids = [e["experiment_id"] for e in experiments if not e["name"].endswith("-grid")] or \
+        [e["experiment_id"] for e in experiments]
     runs = search_runs(base, ids, "tags.`cyclemerge.kind` = 'pipeline'", max_results=50) if ids else []
     if not runs:
         raise UICheckError("the MLflow store has no cyclemerge pipeline run yet (no run tagged "
                            "cyclemerge.kind = pipeline): run `make run` first")
+    evaluated = {tag(r, "mlflow.parentRunId") for r in search_runs(base, ids, "tags.`cyclemerge.stage` = 'evaluate'")}
+    runs = [r for r in runs if r["info"]["run_id"] in evaluated] or runs
     finished = [r for r in runs if r["info"]["status"] == "FINISHED"]
     if finished and finished[0] is not runs[0]:
         print(f"ui-check: skipping pipeline run {runs[0]['info']['run_id']} ({runs[0]['info']['status']}); "

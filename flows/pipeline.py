@@ -122,7 +122,8 @@ def _single_stage(stage_module, name: str):
     def stage_flow(project: Project, force: bool = False, parent_run_id: str | None = None) -> dict:
         key = project.stage_key(name)
         with stage_run(project, name, parent_run_id) as run:
-            kwargs = {"run_id": run.run_id, "parent_run_id": parent_run_id}
+            # Under `dvc repro` the parent comes from the environment: the stage run knows it.
+            kwargs = {"run_id": run.run_id, "parent_run_id": parent_run_id or run.parent_id}
             if name == "activations":
                 return t_act.run_activations(project, key=key, force=force, run_id=run.run_id)
             return run_cached(stage_module.stage_task, project, key=key, force=force, **kwargs)

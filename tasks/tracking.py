@@ -48,6 +48,7 @@ class Run:
 
     def __init__(self, project: Project, client: Any | None, run_id: str | None):
         self.project, self.client, self.run_id = project, client, run_id
+        self.parent_id: str | None = None  # the pipeline run this stage run is nested in, once known
 
     @property
     def active(self) -> bool:
@@ -230,6 +231,7 @@ def stage_run(project: Project, stage: str, parent_run_id: str | None = None) ->
             "git_commit": git_commit(project.root)}
     if parent:
         tags["mlflow.parentRunId"] = parent
+    run.parent_id = parent
     created = run._guard("create_run", "create_run", exp_id, run_name=stage, tags=tags)
     run.run_id = created.info.run_id if created is not None else None
     status = "FAILED"

@@ -110,6 +110,13 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_a_gates_change_to
     for stage in ("train", "activations", "align", "gates", "repair", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (root / "dvc.lock").exists()
+    from mlflow import MlflowClient
+
+    # Stages run by DVC, one process each, still report the merge on the pipeline run they nest in.
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cyclemerge")
+    parents = client.search_runs([exp.experiment_id], "tags.`cyclemerge.kind` = 'pipeline'")
+    assert any("merged.test_acc" in r.data.metrics for r in parents), [r.data.metrics for r in parents]
     second = _run(["dvc", "repro"], root, **env)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     params = (root / "params.yaml").read_text().replace("lam: 0.01", "lam: 0.02")
