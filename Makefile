@@ -22,12 +22,18 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # The whole pipeline: DVC runs the stages whose params, code or inputs changed, each as a Prefect flow.
-run: venv
+# The dataset check comes first (seconds), so a machine that cannot get the data stops before the install.
+run:
+	@bash scripts/ensure_data.sh params.yaml
+	@$(MAKE) --no-print-directory venv
 	@[ -d .git ] || git init -q
-	@$(BIN)/python -m flows.pipeline --run-dvc
+	@# Nothing stale: DVC says so in half a second, before torch and the pipeline's stack load.
+	@$(BIN)/python -m flows.uptodate || $(BIN)/python -m flows.pipeline --run-dvc
 
 # The same DAG as one Prefect flow run (what a deployment runs), without DVC.
-pipeline: venv
+pipeline:
+	@bash scripts/ensure_data.sh params.yaml
+	@$(MAKE) --no-print-directory venv
 	@$(BIN)/python -m flows.pipeline
 
 # Serve the pipeline flow on a schedule (a Prefect deployment; CRON or INTERVAL seconds).
@@ -38,7 +44,7 @@ serve: venv
 # A comparison grid (benchmarks/grids/*.yaml): one pipeline run per point, seed models shared via .cache/grid.
 GRID ?= benchmarks/grids/paper.yaml
 grid: venv
-	@$(BIN)/python -m flows.benchmark $(GRID)
+	@$(BIN)/python -m flows.grid $(GRID)
 
 test: venv
 	@$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
@@ -50,7 +56,7 @@ ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 ui-check: venv
-	@bash benchmarks/ui_check.sh
+	@bash checks/ui_check.sh
 
 bench: venv
 	@$(BIN)/python benchmarks/train_throughput.py

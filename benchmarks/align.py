@@ -56,7 +56,7 @@ def trained_models(folder: Path, n_models: int) -> tuple[list[dict], dict]:
     files = sorted(folder.glob("model_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:n_models]
     if len(files) < n_models:
         raise SystemExit(f"--trained {folder}: {len(files)} checkpoint(s) model_*.pt, {n_models} asked for")
-    ckpts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    ckpts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     data = ckpts[0]["data"]
     model = build_model(ModelConfig(**ckpts[0]["model"]), in_channels=data["in_channels"],
                         image_size=data["image_size"], num_classes=data["num_classes"])

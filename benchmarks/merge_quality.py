@@ -2,10 +2,10 @@
 
     python benchmarks/merge_quality.py --sets 1-5 6-10 11-15 --out benchmarks/results/narrow_mlp.json
 
-Seed models are trained once (``cyclemerge.train.train_model``, the default recipe) and cached under
-``--cache``; every later run reuses them. The library is called directly, in the same order and
-with the same arguments as ``tasks/align.py``, ``tasks/gates.py``, ``tasks/repair.py`` and
-``tasks/evaluate.py`` (no Prefect, MLflow or DVC), so the numbers describe the product:
+Seed models are trained once (``cyclemerge.stages.train.train_model``, the default recipe) and cached
+under ``--cache``; every later run reuses them. The library is called directly, through the pipeline's
+own stage functions (``cyclemerge.stages``: train, activations, align, gates, repair; no Prefect,
+MLflow or DVC), so the numbers describe the product:
 
 - A: alignment methods (naive, pairwise, MergeMany, C2M3) -> uniform merge, objective, cycle error,
   seconds; C2M3 with 3 restarts selected by objective or by calibration loss after REPAIR.
@@ -27,7 +27,6 @@ import math
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -36,26 +35,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cyclemerge import matching  # noqa: E402
-from cyclemerge.activations import channel_stats  # noqa: E402
 from cyclemerge.config import Config, DataConfig, ModelConfig  # noqa: E402
 from cyclemerge.data import load_data  # noqa: E402
 from cyclemerge.evaluate import accuracy_and_loss, load_into  # noqa: E402
-from cyclemerge.gate_report import gate_table, layer_weights, stat_point_weights  # noqa: E402
-from cyclemerge.gate_training import learn_gates  # noqa: E402
 from cyclemerge.io import load_torch, save_torch  # noqa: E402
-from cyclemerge.merge import average, merge_and_repair, to_universe_all  # noqa: E402
-from cyclemerge.prefilter import map_into_universe, screen_models  # noqa: E402
-from cyclemerge.train import import_checkpoints, make_checkpoint, model_for, train_model  # noqa: E402
+from cyclemerge.results import Alignment, Gates, Merged  # noqa: E402
+from cyclemerge.stages.activations import activation_stats, calibration_slice  # noqa: E402
+from cyclemerge.stages.align import align, screen  # noqa: E402
+from cyclemerge.stages.gates import learn_gates  # noqa: E402
+from cyclemerge.stages.repair import merge_and_repair, repair  # noqa: E402
+from cyclemerge.stages.train import import_models, train_model  # noqa: E402
+from cyclemerge.train import model_for  # noqa: E402
 
-METHODS = ("naive", "pairwise", "merge_many", "c2m3")
+METHODS = ("naive", "pairwise", "merge_many", "c2m3")  # the tables' order
 LABELS = {"naive": "naive", "pairwise": "pairwise (ref 0)", "merge_many": "MergeMany", "c2m3": "C2M3"}
 NOISE_SEED = 0  # fixed once; the noise model is not tuned
 
 
 @dataclass
 class Bench:
-    """Everything the measurements share: config, data slices, a template model."""
+    """Everything the measurements share: config, data, a template model. Every step is the pipeline's
+    own stage function (``cyclemerge.stages``) on the prefix of the calibration slice that stage takes."""
 
     cfg: Config
     data: object
@@ -64,14 +64,7 @@ class Bench:
 
     def __post_init__(self) -> None:
         self.model = model_for(self.cfg.model, self.data)
-        self.spec = self.model.perm_spec()
-        calib = self.data.calib_idx
-        # the same slices tasks/activations.py, tasks/gates.py and tasks/repair.py take
-        self.x_act = self.data.train_x[calib[: self.cfg.activations.num_samples]]
-        self.x_gate, self.y_gate = self.data.train_x[calib[: self.cfg.data.calibration_size]], self.data.train_y[
-            calib[: self.cfg.data.calibration_size]]
-        self.x_cal, self.y_cal = self.data.train_x[calib[: self.cfg.repair.num_samples]], self.data.train_y[
-            calib[: self.cfg.repair.num_samples]]
+        self.calibration = calibration_slice(self.data, len(self.data.calib_idx))
         self._stats: dict[int, dict] = {}
 
     @property
@@ -95,12 +88,10 @@ class Bench:
         if self.checkpoint_dir is not None:
             raise FileNotFoundError(f"{path} not found (--checkpoint-dir is read-only; omit it to train here)")
         print(f"training seed {seed} ({self.tag}) ...", flush=True)
-        result = train_model(self.cfg.model, self.cfg.train, self.data, seed)
-        metrics = {**self.score(result.state_dict), "seconds": result.seconds}
-        save_torch(make_checkpoint(result.state_dict, self.cfg.model, self.data, seed=seed, params_hash="merge_quality",
-                                   metrics=metrics, history=result.history), path)
-        print(f"  seed {seed}: test acc {metrics['acc']:.4f}, {result.seconds:.0f}s", flush=True)
-        return result.state_dict
+        trained = train_model(self.cfg, self.data, seed, params_hash="merge_quality")
+        save_torch(trained.checkpoint, path)
+        print(f"  seed {seed}: test acc {trained.metrics['test_acc']:.4f}, {trained.metrics['seconds']:.0f}s", flush=True)
+        return trained.state_dict
 
     def score(self, sd: dict) -> dict:
         """Test accuracy and mean cross-entropy (full test split)."""
@@ -108,68 +99,56 @@ class Bench:
                                  batch_size=self.cfg.evaluate.batch_size)
 
     def stats(self, sd: dict) -> dict:
-        """Per-stat-point channel statistics on the calibration slice, as the activations stage computes them."""
-        return channel_stats(load_into(model_for(self.cfg.model, self.data), sd).eval(), self.x_act,
-                             batch_size=self.cfg.activations.batch_size)
+        """Per-stat-point channel statistics, as the activations stage computes them."""
+        return activation_stats(self.model, sd, self.calibration[0], self.cfg)
 
     def seed_stats(self, seed: int) -> dict:
         if seed not in self._stats:
             self._stats[seed] = self.stats(self.seed_model(seed))
         return self._stats[seed]
 
-    def align(self, sds: list[dict], score=None, **update) -> tuple:
-        config = self.cfg.align.model_copy(update=update)
-        start = time.perf_counter()
-        result = matching.match(state_dicts=list(sds), spec=self.spec, config=config, score=score)
-        return result, time.perf_counter() - start
+    def config(self, gates: dict | None = None, **align: object) -> Config:
+        """The benchmark's config with some align (and gates) params changed."""
+        return self.cfg.model_copy(update={"align": self.cfg.align.model_copy(update=align),
+                                           "gates": self.cfg.gates.model_copy(update=gates or {})})
 
-    def repair(self, universe, stats, perms, *, weights=None, merged=None) -> tuple[dict, dict]:
-        return merge_and_repair(self.model, universe, method=self.cfg.repair.method, x=self.x_cal,
-                                batch_size=self.cfg.repair.batch_size, endpoint_stats=stats, perms=perms,
-                                weights=weights, merged=merged)
+    def align(self, sds: list[dict], stats: list[dict], **update) -> Alignment:
+        """The align stage; restarts selected by calibration loss score the merge after REPAIR, as there."""
+        return align(sds, self.model, self.config(**update), endpoint_stats=stats, calibration=self.calibration)
 
-    def calibration_scorer(self, sds, stats):
-        """tasks/align.py:calibration_scorer: calibration CE of the merged model after REPAIR (lower is better)."""
-        scorer_model = model_for(self.cfg.model, self.data)
+    def uniform_repair(self, alignment: Alignment, stats: list[dict]) -> tuple[dict, dict]:
+        """(uniform merge, its REPAIR) in the alignment's universe."""
+        rcfg = self.cfg.repair
+        return merge_and_repair(self.model, alignment.universe, method=rcfg.method,
+                                x=self.calibration[0][:rcfg.num_samples], batch_size=rcfg.batch_size,
+                                endpoint_stats=[stats[i] for i in alignment.indices], perms=alignment.perms)
 
-        def score(perms) -> float:
-            _, repaired = merge_and_repair(scorer_model, to_universe_all(sds, self.spec, perms), method=self.cfg.repair.method,
-                                           x=self.x_cal, batch_size=self.cfg.repair.batch_size, endpoint_stats=stats,
-                                           perms=perms)
-            return accuracy_and_loss(load_into(scorer_model, repaired), self.x_cal, self.y_cal,
-                                     batch_size=self.cfg.repair.batch_size)["loss"]
-
-        return score
-
-    def gates_and_repair(self, universe, stats, perms, *, enabled: bool, off=()) -> dict:
-        """tasks/gates.py + tasks/repair.py: gates (or their uniform stand-in), then gate-weighted REPAIR."""
-        gcfg = self.cfg.gates.model_copy(update={"enabled": enabled})
-        result = learn_gates(self.model, universe, self.x_gate, self.y_gate, gcfg, initial_off=list(off))
-        weights = stat_point_weights(result, self.model.stat_points())
-        merged, repaired = self.repair(universe, stats, perms, weights=weights, merged=result.merged)
-        return {"result": result, "merged": merged, "repaired": repaired}
+    def gates_and_repair(self, alignment: Alignment, stats: list[dict], *, enabled: bool, names: list[str],
+                         config: Config | None = None) -> tuple[Gates, Merged]:
+        """The gates stage (or its uniform stand-in), then the repair stage (gate-weighted REPAIR)."""
+        cfg = (config or self.cfg).model_copy(update={"gates": self.cfg.gates.model_copy(update={"enabled": enabled})})
+        gates = learn_gates(self.model, alignment, self.calibration, cfg, model_names=names)
+        return gates, repair(self.model, alignment, gates, self.calibration, cfg, endpoint_stats=stats)
 
 
 def _acc_loss(scores: dict, prefix: str = "") -> dict:
     return {f"{prefix}acc": scores["acc"], f"{prefix}loss": scores["loss"]}
 
 
-def align_row(bench: Bench, sds: list[dict], stats: list[dict], **update) -> tuple[dict, object]:
+def align_row(bench: Bench, sds: list[dict], stats: list[dict], **update) -> tuple[dict, Alignment]:
     """One alignment: its uniform merge before and after REPAIR, objective, cycle error, seconds."""
-    result, seconds = bench.align(sds, **update)
-    universe = to_universe_all(sds, bench.spec, result.perms)
-    merged, repaired = bench.repair(universe, stats, result.perms)
-    extra = result.report.extra
+    alignment = bench.align(sds, stats, **update)
+    merged, repaired = bench.uniform_repair(alignment, stats)
+    extra = alignment.report["extra"]
     row = {**_acc_loss(bench.score(merged)), **_acc_loss(bench.score(repaired), "repair_"),
-           "objective": matching.objective(sds, bench.spec, result.perms),
-           "cycle_error": matching.cycle_error(matching.pairwise_maps(result), len(sds)),
-           "seconds": seconds, "iterations": result.report.iterations}
+           "objective": alignment.objective, "cycle_error": alignment.cycle_error,
+           "seconds": alignment.seconds, "iterations": alignment.iterations}
     if "relaxed_objective" in extra:
         row.update(relaxed_objective=extra["relaxed_objective"], stop_reason=extra["stop_reason"])
     if "starts" in extra and len(extra["starts"]) > 1:
         row["selected"] = extra["starts"][extra["selected_start"]]["start"]
         row["starts"] = [{k: st[k] for k in ("start", "seed", "objective", "score", "iterations")} for st in extra["starts"]]
-    return row, result
+    return row, alignment
 
 
 def c2m3_keys(init: str) -> list[str]:
@@ -195,8 +174,7 @@ def part_a(bench: Bench, seeds: list[int], aligned: dict) -> dict:
         rows[key], aligned[key] = align_row(bench, sds, stats, restarts=1, **update)
     restarts = {}
     for select_by in ("objective", "calibration_loss"):
-        score = bench.calibration_scorer(sds, stats) if select_by == "calibration_loss" else None
-        restarts[select_by], _ = align_row(bench, sds, stats, method="c2m3", restarts=3, select_by=select_by, score=score)
+        restarts[select_by], _ = align_row(bench, sds, stats, method="c2m3", restarts=3, select_by=select_by)
     # Diagnostic only (never used for a target): Frank-Wolfe's start and the anchored reference model.
     variants = {}
     for init in ("identity", "barycenter"):
@@ -220,18 +198,15 @@ def part_b(bench: Bench, seeds: list[int], aligned: dict) -> dict:
     for key in [*METHODS[:-1], *c2m3_keys(bench.cfg.align.init)]:
         if key not in aligned:
             update = {"method": "c2m3", "init": "identity"} if key == "c2m3_identity" else {"method": key}
-            aligned[key], _ = bench.align(sds, restarts=1, **update)
-        perms = aligned[key].perms
-        merged, repaired = bench.repair(to_universe_all(sds, bench.spec, perms), stats, perms)
+            aligned[key] = bench.align(sds, stats, restarts=1, **update)
+        merged, repaired = bench.uniform_repair(aligned[key], stats)
         rows[key] = {**_acc_loss(bench.score(merged)), **_acc_loss(bench.score(repaired), "repair_")}
     return rows
 
 
-def gate_weights(result, names: list[str]) -> dict:
-    """Part -> {model name: final weight} (the layer's mean over its float keys, as tasks/gates.py reports)."""
-    n = len(names)
-    return {part: dict(zip(names, (round(float(v), 4) for v in w.reshape(-1, n).mean(0))))
-            for part, w in layer_weights(result).items()}
+def gate_weights(gates: Gates, names: list[str]) -> dict:
+    """Part -> {model name: final weight} (the layer's mean over its float keys, as the gates stage reports)."""
+    return {part: dict(zip(names, (round(float(v), 4) for v in w))) for part, w in gates.layer_means().items()}
 
 
 def part_c(bench: Bench, seeds: list[int], aligned: dict) -> dict:
@@ -239,21 +214,18 @@ def part_c(bench: Bench, seeds: list[int], aligned: dict) -> dict:
     sds = [bench.seed_model(s) for s in seeds]
     stats = [bench.seed_stats(s) for s in seeds]
     if "c2m3" not in aligned:
-        aligned["c2m3"], _ = bench.align(sds, method="c2m3", restarts=1)
-    perms = aligned["c2m3"].perms
-    universe = to_universe_all(sds, bench.spec, perms)
+        aligned["c2m3"] = bench.align(sds, stats, method="c2m3", restarts=1)
     names = [f"seed {s}" for s in seeds]
     rows = {}
     for label, enabled in (("uniform", False), ("gates", True)):
-        out = bench.gates_and_repair(universe, stats, perms, enabled=enabled)
-        rows[label] = {**_acc_loss(bench.score(out["merged"])), **_acc_loss(bench.score(out["repaired"]), "repair_"),
-                       "seconds": out["result"].seconds}
+        gates, merged = bench.gates_and_repair(aligned["c2m3"], stats, enabled=enabled, names=names)
+        rows[label] = {**_acc_loss(bench.score(merged.before_repair)), **_acc_loss(bench.score(merged.state_dict), "repair_"),
+                       "seconds": gates.seconds}
         if enabled:
-            result = out["result"]
-            rows[label]["weights"] = gate_weights(result, names)
-            rows[label]["table"] = gate_table(result, model_names=names)
-            rows[label]["skipped_steps"] = result.skipped_steps
-            rows[label]["final_loss"] = result.history["loss"][-1]
+            rows[label]["weights"] = gate_weights(gates, names)
+            rows[label]["table"] = gates.table
+            rows[label]["skipped_steps"] = gates.skipped_steps
+            rows[label]["final_loss"] = gates.history["loss"][-1]
     return rows
 
 
@@ -292,36 +264,21 @@ D_CASES = (  # label, bad model kind (None: honest only), align.outlier_norm_rat
 
 
 def user_checkpoint_merge(bench: Bench, paths: list[Path], *, ratio, action: str) -> dict:
-    """The pipeline's user-checkpoint mode: import -> stats of every model -> pre-filter -> align -> gates -> REPAIR."""
-    sds = import_checkpoints(paths, bench.cfg.model, bench.data)
-    stats_all = [bench.stats(sd) for sd in sds]  # the activations stage runs on every imported model
-    screen = screen_models(sds, ratio)
-    aligned_idx, gated_off, dropped = screen.partition(action)
-    warnings = []
-    for i, reasons in screen.reasons.items():
-        fate = "dropped" if i in dropped else "enters gating switched off"
-        warnings.append(f"warning: model {i} flagged by the pre-filter and {fate}: {reasons[0]}")
-    if len(aligned_idx) < 2:
-        raise RuntimeError(f"only {len(aligned_idx)} model(s) passed the pre-filter")
-    result, seconds = bench.align([sds[i] for i in aligned_idx])
-    universe = to_universe_all([sds[i] for i in aligned_idx], bench.spec, result.perms)
-    perms = list(result.perms)
-    for j in gated_off:  # as tasks/align.py: matched against the growing universe list
-        mapped, p = map_into_universe(sds[j], universe, bench.spec, seed=bench.cfg.align.seed)
-        universe.append(mapped)
-        perms.append(p)
-    indices = list(aligned_idx) + list(gated_off)
-    off = [k for k, i in enumerate(indices) if i in gated_off]
-    stats = [stats_all[i] for i in indices]
-    names = [f"model {i}" for i in indices]
-    out = {"models": indices, "flagged": list(screen.flagged), "dropped": list(dropped), "gate_off": list(gated_off),
-           "warnings": warnings, "describe": screen.describe(), "align_seconds": seconds}
+    """The pipeline's user-checkpoint mode: import -> stats of every model -> pre-filter + align -> gates -> REPAIR."""
+    cfg = bench.config(outlier_norm_ratio=ratio, outlier_action=action)
+    sds = [m.state_dict for m in import_models(paths, cfg, bench.data)]
+    stats = [bench.stats(sd) for sd in sds]  # the activations stage runs on every imported model
+    alignment = align(sds, bench.model, cfg)
+    names = [f"model {i}" for i in alignment.indices]
+    out = {"models": alignment.indices, "flagged": sorted(alignment.prefilter), "dropped": alignment.dropped,
+           "gate_off": alignment.gate_off, "warnings": [f"warning: {w}" for w in alignment.warnings()],
+           "describe": screen(sds, cfg, quiet=True).report.describe(), "align_seconds": alignment.seconds}
     for label, enabled in (("uniform", False), ("gates", True)):
-        run = bench.gates_and_repair(universe, stats, perms, enabled=enabled, off=off)
-        out[label] = {**_acc_loss(bench.score(run["merged"])), **_acc_loss(bench.score(run["repaired"]), "repair_")}
+        gates, merged = bench.gates_and_repair(alignment, stats, enabled=enabled, names=names, config=cfg)
+        out[label] = {**_acc_loss(bench.score(merged.before_repair)), **_acc_loss(bench.score(merged.state_dict), "repair_")}
         if enabled:
-            out[label]["weights"] = gate_weights(run["result"], names)
-            out[label]["seconds"] = run["result"].seconds
+            out[label]["weights"] = gate_weights(gates, names)
+            out[label]["seconds"] = gates.seconds
     return out
 
 

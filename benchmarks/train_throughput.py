@@ -9,6 +9,9 @@ not the model.
 
     python benchmarks/train_throughput.py             # print the table
     python benchmarks/train_throughput.py --record    # and append it to benchmarks/RESULTS.md
+
+``loop_throughput`` (used by benchmarks/speed.py) compares the project's own loop,
+``cyclemerge.train.train_model``, with a plain PyTorch loop on the same model, batch and data.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from cyclemerge.config import ModelConfig, TrainConfig
+from cyclemerge.data import DataBundle
 from cyclemerge.models import build_model
+from cyclemerge.train import model_for, train_model
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NUM_CLASSES = 10
@@ -88,6 +93,48 @@ def time_training(arch: str, in_channels: int, image_size: int, device: torch.de
         steps += 1
     sync(device)
     return sum(p.numel() for p in params), steps, (time.perf_counter() - start) / steps
+
+
+def plain_loop_seconds(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataBundle, seed: int) -> float:
+    """Seconds of one epoch of the same recipe written as the plain loop anyone would: shuffle, index,
+    forward, cross-entropy, backward, the recipe's grad-norm clip, Adam (or SGD) step. The floor the
+    project's loop is judged against: nothing of it can be skipped, and nothing else is done."""
+    torch.manual_seed(seed)
+    model = model_for(model_cfg, data).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train_cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+    x, y = data.train_set()
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    order = torch.randperm(len(x), generator=gen)
+    for i in range(0, len(x), train_cfg.batch_size):
+        idx = order[i:i + train_cfg.batch_size]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+        opt.step()
+    loss.item()
+    return time.perf_counter() - start
+
+
+def loop_throughput(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataBundle, *, samples: int,
+                    repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Samples/s of ``train_model`` and of ``plain_loop_seconds`` on the first ``samples`` training
+    samples, one epoch each, same model, batch, optimizer and data; the best of ``repeats``, the two
+    loops taking turns so that a burst of load from elsewhere hits one repeat of both."""
+    data = replace(data, train_idx=data.train_idx[:samples])
+    n = len(data.train_idx)
+    cfg = train_cfg.model_copy(update={"epochs": 1, "device": "cpu"})
+    best = {"project": 0.0, "plain": 0.0}
+    for repeat in range(repeats):
+        best["plain"] = max(best["plain"], n / plain_loop_seconds(model_cfg, cfg, data, seed + repeat))
+        best["project"] = max(best["project"], n / train_model(model_cfg, cfg, data, seed + repeat).seconds)
+    return {"samples": n, **best, "ratio": best["project"] / best["plain"]}
 
 
 def cpu_model() -> str:

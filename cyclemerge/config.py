@@ -9,15 +9,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DATASETS = ("fashion_mnist", "mnist", "emnist", "cifar10", "cifar100", "synthetic")
-ARCHITECTURES = ("mlp", "resnet20", "vgg16")
-MATCHERS = ("c2m3", "merge_many", "pairwise", "naive")
+# Each list of choices is written once, as a Literal type; the tuples code iterates over come from it.
+Dataset = Literal["fashion_mnist", "mnist", "emnist", "cifar10", "cifar100", "synthetic"]
+Architecture = Literal["mlp", "resnet20", "vgg16", "custom"]
+Matcher = Literal["c2m3", "merge_many", "pairwise", "naive"]
+Baseline = Literal[Matcher, "ensemble"]
+RepairMethod = Literal["repair", "reset_bn", "none"]
+OutlierAction = Literal["drop", "gate_off"]
+Granularity = Literal["model", "layer", "tensor", "channel"]
+Device = Literal["auto", "cpu", "cuda"]
+
+DATASETS: tuple[str, ...] = get_args(Dataset)
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+MATCHERS: tuple[str, ...] = get_args(Matcher)
+BASELINES: tuple[str, ...] = get_args(Baseline)
+REPAIR_METHODS: tuple[str, ...] = get_args(RepairMethod)
+OUTLIER_ACTIONS: tuple[str, ...] = get_args(OutlierAction)
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 
 
 class Section(BaseModel):
@@ -36,29 +51,60 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["fashion_mnist", "mnist", "emnist", "cifar10", "cifar100", "synthetic"] = "fashion_mnist"
+    name: Dataset = "fashion_mnist"
     root: str = "data"
     download: bool = True
     emnist_split: Literal["letters", "balanced", "digits", "mnist", "byclass", "bymerge"] = "letters"
     calibration_size: int = Field(5000, ge=1)
     calibration_disjoint: bool = True
+    # held-out slice of the TRAIN split for every selection by data (restarts, defaults); 0: none
+    # (the selection grid uses 5000); disjoint from the models' training data and the calibration slice
+    validation_size: int = Field(0, ge=0)
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
     seed: int = 0
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
+# "package.module:function" (the function may be an attribute path such as "Class.create").
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_CUSTOM_ONLY = ("factory", "kwargs", "opaque_modules")
+
+
 class ModelConfig(Section):
-    arch: Literal["mlp", "resnet20", "vgg16"] = "mlp"
+    arch: Architecture = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [512, 512, 512, 256], min_length=1)
     width: int = Field(1, ge=1)
     norm: Literal["layernorm", "batchnorm"] = "layernorm"
+    # arch custom: the factory is imported and called with kwargs (models are never unpickled)
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    opaque_modules: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "ModelConfig":
         bad = [h for h in self.hidden if h < 1]
         if bad:
             raise ValueError(f"model.hidden: every width must be >= 1, got {self.hidden}")
+        return self
+
+    @model_validator(mode="after")
+    def _custom_factory(self) -> "ModelConfig":
+        if self.arch != "custom":
+            given = [k for k in _CUSTOM_ONLY if getattr(self, k)]
+            if given:
+                raise ValueError(f"model.{given[0]} applies only to model.arch: custom (model.arch is {self.arch!r}); "
+                                 f"remove it or set model.arch: custom")
+            return self
+        if self.factory is None:
+            raise ValueError('model.factory: model.arch custom needs a factory, "package.module:function" '
+                             '(e.g. "tests.fixtures.user_cnn:build"), importable from the project folder')
+        if not _FACTORY.fullmatch(self.factory):
+            raise ValueError(f'model.factory: {self.factory!r} is not "package.module:function" '
+                             '(dotted module path, one colon, then the function, e.g. "tests.fixtures.user_cnn:build")')
+        bad = [k for k in self.kwargs if not str(k).isidentifier()]
+        if bad:
+            raise ValueError(f"model.kwargs: {bad} are not valid keyword argument names")
         return self
 
 
@@ -75,7 +121,7 @@ class TrainConfig(Section):
     warmup_epochs: int = Field(0, ge=0)
     grad_clip: float | None = Field(10.0, gt=0)
     augment: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     checkpoints: list[str] | None = None
 
     @model_validator(mode="after")
@@ -102,7 +148,7 @@ class ActivationsConfig(Section):
 
 
 class AlignConfig(Section):
-    method: Literal["c2m3", "merge_many", "pairwise", "naive"] = "c2m3"
+    method: Matcher = "c2m3"
     cost: Literal["weights", "activations"] = "weights"
     init: Literal["identity", "barycenter", "sinkhorn"] = "barycenter"
     max_iter: int = Field(200, ge=1)
@@ -112,15 +158,18 @@ class AlignConfig(Section):
     select_by: Literal["objective", "calibration_loss"] = "objective"
     reference: int = Field(0, ge=0)
     anchor: bool = True  # C2M3: hold model `reference` at the identity (false: the paper's symmetric FW)
+    # C2M3: after rounding, block-coordinate ascent over (model, group) LAPs, each kept only when the
+    # objective rises; off until the selection grid (benchmarks/grids/selection.yaml) decides
+    polish: bool = False
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     outlier_norm_ratio: float | None = Field(100.0, gt=1)
-    outlier_action: Literal["drop", "gate_off"] = "drop"
+    outlier_action: OutlierAction = "drop"
 
 
 class GatesConfig(Section):
     enabled: bool = True
-    granularity: Literal["model", "layer", "tensor", "channel"] = "layer"
+    granularity: Granularity = "layer"
     gated_parts: list[str] = Field(default_factory=lambda: ["*"])
     ungated_rule: str = "average"
     normalize: bool = True
@@ -153,13 +202,13 @@ class GatesConfig(Section):
 
 
 class RepairConfig(Section):
-    method: Literal["repair", "reset_bn", "none"] = "repair"
+    method: RepairMethod = "repair"
     num_samples: int = Field(5000, ge=1)
     batch_size: int = Field(500, ge=1)
 
 
 class EvaluateConfig(Section):
-    baselines: list[Literal["naive", "merge_many", "pairwise", "c2m3", "ensemble"]] = Field(
+    baselines: list[Baseline] = Field(
         default_factory=lambda: ["naive", "merge_many", "pairwise", "ensemble"]
     )
     batch_size: int = Field(1000, ge=1)
@@ -248,7 +297,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. gates.lam=0.1")
         key, text = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(text)))
+        try:
+            out.append((key.strip(), yaml.safe_load(text)))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                              "quote a string value, e.g. key='[text'") from None
     return out
 
 
@@ -257,9 +310,14 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if not path.exists():
         raise ConfigError(f"{path}: params file not found (copy params.yaml from the repository root)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a params file is YAML text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e}); give the path of a params file") from None
+    raw = {} if raw is None else raw  # an empty file means all defaults; `0` or `[]` do not
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for key, value in parse_overrides(overrides or []):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclemerge.merge import average
+from cyclemerge.averaging import average
 from cyclemerge.permutation import Perms, PermSpec, StateDict, apply_perms, compose
 
 Prepare = Callable[[StateDict], StateDict]
@@ -382,19 +382,24 @@ ENDPOINT_MEAN = "endpoint mean"
 
 
 def method_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], *, endpoints: Sequence[str] = ()) -> list[dict]:
-    """Rows for the comparison table, from ``{method: {split: {"acc", "loss"}}}`` (splits "test", "train").
+    """Rows for the comparison table, from ``{method: {split: {"acc", "loss"}}}`` (splits "test", "train",
+    and "validation" when the data has that slice).
 
     Order: the endpoints (kind "endpoint"), then their mean (kind "reference", method
     ``ENDPOINT_MEAN``), then every other method in the order given (kind "method"). Each row has
-    ``method, kind, test_acc, test_loss, train_acc, train_loss``; a split that was not evaluated is None.
+    ``method, kind, test_acc, test_loss, train_acc, train_loss`` (and ``validation_acc,
+    validation_loss`` when any method was scored on a validation split); a split that was not
+    evaluated is None.
     """
     unknown = [e for e in endpoints if e not in results]
     if unknown:
         raise KeyError(f"method_table: endpoints {unknown} have no results (known: {sorted(results)})")
+    splits = ("test", "train") + (("validation",) if any("validation" in s for s in results.values()) else ())
+    columns = [f"{split}_{metric}" for split in splits for metric in ("acc", "loss")]
 
     def row(name: str, kind: str, scores: Mapping[str, Mapping[str, float]]) -> dict:
         out: dict = {"method": name, "kind": kind}
-        for split in ("test", "train"):
+        for split in splits:
             for metric in ("acc", "loss"):
                 value = scores.get(split, {}).get(metric)
                 out[f"{split}_{metric}"] = None if value is None else float(value)
@@ -403,7 +408,7 @@ def method_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], *, en
     rows = [row(name, "endpoint", results[name]) for name in endpoints]
     if rows:
         mean: dict = {"method": ENDPOINT_MEAN, "kind": "reference"}
-        for col in ("test_acc", "test_loss", "train_acc", "train_loss"):
+        for col in columns:
             values = [r[col] for r in rows]
             mean[col] = None if any(v is None for v in values) else sum(values) / len(values)
         rows.append(mean)

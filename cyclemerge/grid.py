@@ -34,16 +34,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cyclemerge.config import Config, ConfigError, config_from_dict, set_override
+from cyclemerge.config import MATCHERS, Config, ConfigError, Matcher, config_from_dict, set_override
+from cyclemerge.results import METHOD_LABELS
 
+# A grid's methods: every alignment method's uniform merge, and C2M3 with gates.
+GridMethod = Literal[Matcher, "c2m3_gates"]
 # Grid method -> the row of the evaluate stage's method table that holds it.
-METHOD_ROWS = {
-    "naive": "naive average",
-    "merge_many": "MergeMany",
-    "pairwise": "pairwise to reference",
-    "c2m3": "C2M3 uniform",
-    "c2m3_gates": "C2M3 + gates",
-}
+METHOD_ROWS = {**{m: METHOD_LABELS[m] for m in MATCHERS if m != "c2m3"}, "c2m3": f"{METHOD_LABELS['c2m3']} uniform",
+               "c2m3_gates": f"{METHOD_LABELS['c2m3']} + gates"}
 CSV_COLUMNS = ("grid", "point", "dataset", "arch", "N", "method", "test_acc", "test_loss", "train_acc", "train_loss",
                "endpoints_test_acc", "relative_to_endpoints", "objective", "align_seconds", "params_hash")
 # Parameters that say which models exist or where they run, not how one model is trained.
@@ -75,7 +73,7 @@ class Reference(_Strict):
 class GridFile(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    methods: list[Literal["naive", "merge_many", "pairwise", "c2m3", "c2m3_gates"]] = Field(min_length=1)
+    methods: list[GridMethod] = Field(min_length=1)
     num_models: list[int] = Field(default_factory=lambda: [5], min_length=1)
     set: dict[str, Any] = Field(default_factory=dict)
     points: list[PointSpec] = Field(min_length=1)
@@ -149,7 +147,7 @@ def expand(grid: GridFile, base: dict, source: str = "grid") -> list[GridPoint]:
 
 def pipeline_settings(grid: GridFile) -> dict[str, Any]:
     """The params that make one pipeline run produce every method the grid asks for."""
-    baselines = [m for m in grid.methods if m in ("naive", "merge_many", "pairwise")]
+    baselines = [m for m in grid.methods if m in MATCHERS and m != "c2m3"]  # c2m3 is the main alignment
     return {"align.method": "c2m3", "gates.enabled": "c2m3_gates" in grid.methods,
             "evaluate.baselines": baselines + ["ensemble"]}
 

@@ -15,12 +15,16 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MultipleLocator
+from matplotlib.transforms import blended_transform_factory
 
 DPI = 120
 PAIR_SIZE = (11.0, 4.5)  # two panels side by side: accuracy and loss
@@ -236,50 +240,156 @@ def plot_objective(
     return _save(fig, path)
 
 
+def _split_label(metric: str) -> str:
+    return metric.rsplit("_", 1)[0].replace("_", " ")
+
+
+def _zoom_ticks(ax: Axes, span: float) -> None:
+    """Ticks that resolve tenths of a point on a narrow axis (major 0.2-1, minor 0.1)."""
+    major = 0.2 if span <= 2.5 else 0.5 if span <= 6 else 1.0 if span <= 12 else None
+    if major is not None:
+        ax.xaxis.set_major_locator(MultipleLocator(major))
+        ax.xaxis.set_minor_locator(MultipleLocator(0.1 if major < 1 else 0.5))
+
+
+@dataclass
+class MethodAxis:
+    """What :func:`plot_method_bars` draws: the band, reference lines, the rows on the axis and apart."""
+
+    band: tuple[float, float] | None  # worst and best endpoint (fractions)
+    reference: float | None  # the endpoints' mean
+    ensemble: float | None
+    endpoints: list[Mapping]
+    near: list[Mapping]  # methods on the axis, in the given order
+    far: list[Mapping]  # methods listed apart (near chance)
+    xlim: tuple[float, float]  # in percent; rows below xlim[0] sit on the left edge
+    floor: float  # methods under this fraction are "far"
+
+
+def method_axis(rows: Sequence[Mapping], *, metric: str = "test_acc", chance_ratio: float = 0.5,
+                zoom_points: float = 2.0) -> MethodAxis:
+    """Split the rows and choose the axis of :func:`plot_method_bars` (see there)."""
+    from cyclemerge.report import endpoint_band
+
+    valued = [r for r in rows if r.get(metric) is not None]
+    endpoints = [r for r in valued if r.get("kind") == "endpoint"]
+    methods = [r for r in valued if r.get("kind") == "method"]
+    band = endpoint_band(valued, metric)
+    reference = next((r[metric] for r in valued if r.get("kind") == "reference"), None)
+    if reference is None and endpoints:
+        reference = sum(r[metric] for r in endpoints) / len(endpoints)
+    floor = chance_ratio * band[0] if band else -math.inf
+    near = [r for r in methods if r[metric] >= floor]
+    far = [r for r in methods if r[metric] < floor]
+    ensemble = next((r[metric] for r in near if "ensemble" in str(r["method"]).lower()), None)
+    points = [100 * r[metric] for r in near + endpoints] or [0.0, 100.0]
+    lo, hi = min(points), max(points)
+    if band:
+        lo = max(lo, 100 * band[0] - max(zoom_points, 5 * 100 * (band[1] - band[0])))
+    pad = 0.08 * max(hi - lo, 0.5)
+    return MethodAxis(band, reference, ensemble, endpoints, near, far, (lo - pad, hi + pad), floor)
+
+
 def plot_method_bars(
     rows: Sequence[Mapping],
     path,
     *,
-    title: str = "Test accuracy of every method",
+    title: str | None = None,
     metric: str = "test_acc",
+    chance_ratio: float = 0.5,
+    zoom_points: float = 2.0,
 ) -> Path:
-    """Bars of ``metric`` (an accuracy column of ``evaluate.method_table``) per row.
+    """Accuracy of every method against the endpoints' band, on an axis that resolves tenths of a point.
 
-    Endpoints are grey; the "reference" row (the endpoints' mean) is drawn as a dashed line, or the
-    mean of the endpoint bars when no reference row is given.
+    ``rows`` are ``evaluate.method_table`` rows. The endpoints' min-max band is shaded; their mean
+    (the "reference" row, else the mean of the endpoint rows) and the output ensemble (a row whose
+    name contains "ensemble", drawn as a purple diamond) are vertical lines; the endpoints are grey
+    ticks on one row and every method is a dot coloured by where it lies: above, inside or below
+    the band. Values and their difference to the endpoint mean are written in a column right of
+    the axis.
+
+    The axis spans the methods near the band, reaching at most ``max(zoom_points, 5 x the band's
+    width)`` points below its lower edge; a method lower than that sits on the left edge as an
+    open triangle (its value still in the column). Methods under ``chance_ratio`` x the worst
+    endpoint (naive averaging near chance) are listed apart in a panel on the right.
     """
-    bars = [r for r in rows if r.get("kind") != "reference" and r.get(metric) is not None]
-    reference = next((r[metric] for r in rows if r.get("kind") == "reference" and r.get(metric) is not None), None)
-    endpoint_values = [r[metric] for r in bars if r.get("kind") == "endpoint"]
-    if reference is None and endpoint_values:
-        reference = sum(endpoint_values) / len(endpoint_values)
-    fig, (ax,) = _new((max(6.0, 1.5 + 0.8 * len(bars)), 4.8))
-    ax.set_title(title, fontsize=11)
-    if not bars:
-        _no_data(ax, f"no rows with {metric}")
+    from cyclemerge.report import band_position
+
+    split = _split_label(metric)
+    title = title or f"{split.capitalize()} accuracy against the endpoints' band"
+    layout = method_axis(rows, metric=metric, chance_ratio=chance_ratio, zoom_points=zoom_points)
+    band, reference, ensemble = layout.band, layout.reference, layout.ensemble
+    endpoints, near, far, floor = layout.endpoints, layout.near, layout.far, layout.floor
+
+    n_rows = len(near) + (1 if endpoints else 0)
+    fig = Figure(figsize=(11.5 if far else 8.5, max(3.2, 1.5 + 0.34 * n_rows)), dpi=DPI, layout="constrained")
+    ax, side = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3.0, 1.25]}) if far else (fig.subplots(1, 1), None)
+    fig.suptitle(title, fontsize=12)
+    if side is not None:
+        side.set_axis_off()
+        lines = [f"Far below the endpoints\n(< {100 * floor:.1f}%, not on the axis):", ""]
+        lines += [f"{r['method']}: {100 * r[metric]:.2f}%" for r in far]
+        side.text(0.12, 1.0, "\n".join(lines), va="top", ha="left", fontsize=9, transform=side.transAxes,
+                  bbox={"facecolor": "0.96", "edgecolor": "0.7", "pad": 6})
+    if not endpoints and not near:
+        _no_data(ax, f"no rows with {metric}" if not far else "every method is far below the endpoints")
         return _save(fig, path)
-    names = [str(r["method"]) for r in bars]
-    values = _pct([r[metric] for r in bars])
-    colours = _colours(names)
-    colour = [_ENDPOINT_COLOUR if r.get("kind") == "endpoint" else colours[n] for r, n in zip(bars, names)]
-    positions = range(len(bars))
-    ax.bar(positions, values, color=colour, edgecolor="black", linewidth=0.6)
-    for x, v in zip(positions, values):
-        # white box: the reference line often runs right through the endpoints' labels
-        ax.text(x, v + 0.8, f"{v:.1f}", ha="center", va="bottom", fontsize=8,
-                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.8, "alpha": 0.85})
+
+    left, right = layout.xlim
+    ax.set_xlim(left, right)
+    _zoom_ticks(ax, right - left)
+
+    handles = []
+    if band:
+        ax.axvspan(100 * band[0], 100 * band[1], color="0.85", zorder=0)
+        handles.append(Patch(color="0.85", label=f"endpoints' band {100 * band[0]:.2f}–{100 * band[1]:.2f}%"))
     if reference is not None:
-        label = f"endpoint mean ({100 * reference:.1f}%)"
-        ax.axhline(100 * reference, color="black", linestyle="--", linewidth=1.2, label=label)
-        fig.legend(loc="outside lower center", fontsize=9)  # inside, it would hide a bar
-    tilt = len(names) > 4
-    ax.set_xticks(list(positions), labels=names, rotation=30 if tilt else 0, ha="right" if tilt else "center", fontsize=9)
-    split = metric.split("_")[0]
-    ax.set_ylabel(f"{split} accuracy (%)")
-    ax.set_xlabel("model / merging method")
-    ax.set_ylim(0, min(108.0, max(values) + 10.0))
-    ax.grid(True, axis="y", alpha=0.35)
+        ax.axvline(100 * reference, color="black", linestyle="--", linewidth=1.1, zorder=1)
+        handles.append(Line2D([], [], color="black", linestyle="--", label=f"endpoint mean {100 * reference:.2f}%"))
+    if ensemble is not None:
+        ax.axvline(100 * ensemble, color=_KNOWN_COLOURS["ensemble"], linestyle=":", linewidth=1.4, zorder=1)
+        handles.append(Line2D([], [], color=_KNOWN_COLOURS["ensemble"], linestyle=":",
+                              label=f"ensemble (outputs) {100 * ensemble:.2f}%"))
+
+    labels = ([f"endpoints ({len(endpoints)})"] if endpoints else []) + [str(r["method"]) for r in near]
+    ys = list(range(len(labels)))[::-1]  # first row at the top
+    # Values in a column just right of the axis: beside the dots they would cross the reference lines.
+    column = blended_transform_factory(ax.transAxes, ax.transData)
+    place_colour = {"above": "tab:green", "inside": "tab:blue", "below": "tab:red"}
+    row_y = iter(ys)
+    if endpoints:
+        y = next(row_y)
+        xs = [100 * r[metric] for r in endpoints]
+        ax.scatter(xs, [y] * len(xs), marker="|", s=260, linewidths=2.2, color=_ENDPOINT_COLOUR, zorder=3)
+        ax.text(1.02, y, f"{min(xs):.2f}–{max(xs):.2f}", va="center", fontsize=8, color="0.3", transform=column)
+    clipped = False
+    for r, y in zip(near, row_y):
+        v = 100 * r[metric]
+        is_ensemble = "ensemble" in str(r["method"]).lower()
+        where = band_position(r[metric], band) if band else "inside"
+        colour = _KNOWN_COLOURS["ensemble"] if is_ensemble else place_colour[where]
+        if v < left:
+            clipped = True
+            ax.plot([left], [y], "<", markersize=9, markerfacecolor="white", markeredgecolor=colour,
+                    markeredgewidth=1.6, zorder=4, clip_on=False)
+        else:
+            ax.plot([v], [y], "D" if is_ensemble else "o", markersize=7, color=colour, markeredgecolor="black",
+                    markeredgewidth=0.6, zorder=4)
+        text = f"{v:.2f}" + (f" ({v - 100 * reference:+.2f})" if reference is not None else "")
+        ax.text(1.02, y, text, va="center", fontsize=8, transform=column)
+    ax.set_yticks(ys, labels=labels, fontsize=9)
+    ax.set_ylim(-0.7, len(labels) - 0.3)
+    ax.set_xlabel(f"{split} accuracy (%)" + ("; in brackets: points vs the endpoint mean" if reference is not None else ""))
+    ax.grid(True, axis="x", which="major", alpha=0.45)
+    ax.grid(True, axis="x", which="minor", alpha=0.15)
     ax.set_axisbelow(True)
+    if band:
+        handles += [Line2D([], [], marker="o", linestyle="", color=c, markeredgecolor="black", markeredgewidth=0.6,
+                           label=f"{where} the band") for where, c in place_colour.items()]
+    if clipped:
+        handles.append(Line2D([], [], marker="<", linestyle="", markerfacecolor="white", markeredgecolor="0.3",
+                              markeredgewidth=1.6, label="below the axis (value in the column)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=8)
     return _save(fig, path)
 
 

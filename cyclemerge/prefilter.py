@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cyclemerge.averaging import average
+from cyclemerge.config import OUTLIER_ACTIONS
 from cyclemerge.matching.weight_matching import match_pair
-from cyclemerge.merge import average
 from cyclemerge.permutation import PermSpec, Perms, StateDict, apply_perms
-
-ACTIONS = ("drop", "gate_off")
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,8 @@ class ScreenReport:
         with finite values are mapped into the universe afterwards and enter gating switched off;
         non-finite models are dropped in both cases.
         """
-        if action not in ACTIONS:
-            raise ValueError(f"align.outlier_action {action!r}: known {', '.join(ACTIONS)}")
+        if action not in OUTLIER_ACTIONS:
+            raise ValueError(f"align.outlier_action {action!r}: known {', '.join(OUTLIER_ACTIONS)}")
         if action == "drop":
             return self.clean, (), self.flagged
         off = tuple(k for k in self.flagged if k not in self.nonfinite)

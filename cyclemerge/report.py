@@ -11,8 +11,10 @@ Every key is optional; a missing section is left out of the report.
     (dataset, architecture, N, alignment method and init, gates on/off and granularity, repair).
 ``rows``: list[dict]
     ``cyclemerge.evaluate.method_table(...)`` output: ``method, kind, test_acc, test_loss,
-    train_acc, train_loss`` (accuracies as fractions, losses in nats, None when not evaluated);
-    kind is "endpoint", "reference" (the endpoints' mean) or "method".
+    train_acc, train_loss`` and, when a validation split was evaluated, ``validation_acc,
+    validation_loss`` (accuracies as fractions, losses in nats, None when not evaluated); kind is
+    "endpoint", "reference" (the endpoints' mean) or "method". Each method is placed against the
+    endpoints' band (min to max endpoint test accuracy): inside, above or below it.
 ``figures``: dict[str, str]
     Caption -> PNG path, relative to the repository root (or absolute).
 ``report_dir``: str
@@ -39,9 +41,39 @@ from cyclemerge.config import Config
 _COLUMNS = (
     ("test_acc", "test acc (%)"),
     ("test_loss", "test loss"),
+    ("validation_acc", "validation acc (%)"),
+    ("validation_loss", "validation loss"),
     ("train_acc", "train acc (%)"),
     ("train_loss", "train loss"),
 )
+_OPTIONAL = {"validation_acc", "validation_loss"}  # shown only when some row has them
+
+
+def _columns(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
+    return [(c, label) for c, label in _COLUMNS if c not in _OPTIONAL or any(r.get(c) is not None for r in rows)]
+
+
+def endpoint_band(rows: Sequence[Mapping], metric: str = "test_acc") -> tuple[float, float] | None:
+    """(min, max) of ``metric`` over the endpoint rows; None without endpoints."""
+    values = [r[metric] for r in rows if r.get("kind") == "endpoint" and r.get(metric) is not None]
+    return (min(values), max(values)) if values else None
+
+
+def band_position(value: float, band: tuple[float, float]) -> str:
+    """"above", "inside" or "below" the endpoints' band (its edges count as inside)."""
+    lo, hi = band
+    return "above" if value > hi else "below" if value < lo else "inside"
+
+
+def _band_cell(row: Mapping, band: tuple[float, float] | None, metric: str = "test_acc") -> str:
+    if band is None or row.get("kind") != "method" or row.get(metric) is None:
+        return "–"
+    where = band_position(row[metric], band)
+    if where == "above":
+        return f"above (+{100 * (row[metric] - band[1]):.2f} over the best)"
+    if where == "below":
+        return f"below ({100 * (row[metric] - band[0]):+.2f} under the worst)"
+    return "inside"
 
 
 def params_from_config(cfg: Config) -> dict[str, object]:
@@ -87,19 +119,36 @@ def _reference(rows: Sequence[Mapping]) -> Mapping | None:
 
 def _comparison(rows: Sequence[Mapping]) -> list[str]:
     ref = _reference(rows)
-    header = ["method", *(label for _, label in _COLUMNS), "Δ test acc vs endpoint mean (pp)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    band = endpoint_band(rows)
+    columns = _columns(rows)
+    header = ["method", *(label for _, label in columns), "Δ test acc vs endpoint mean (pp)", "vs endpoints' band (test)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 2) + "---|"]
     for row in rows:
         name = str(row["method"])
         if row.get("kind") == "reference":
             name = f"**{name}**"
         elif row.get("kind") == "endpoint":
             name = f"{name} (endpoint)"
-        cells = [_fmt(row.get(col), _kind(col)) for col, _ in _COLUMNS]
+        cells = [_fmt(row.get(col), _kind(col)) for col, _ in columns]
         delta = "–"
         if row.get("kind") == "method" and ref and ref.get("test_acc") is not None and row.get("test_acc") is not None:
             delta = f"{100 * (row['test_acc'] - ref['test_acc']):+.2f}"
-        lines.append("| " + " | ".join([name, *cells, delta]) + " |")
+        lines.append("| " + " | ".join([name, *cells, delta, _band_cell(row, band)]) + " |")
+    return lines
+
+
+def _band_summary(rows: Sequence[Mapping]) -> list[str]:
+    """One line per side of the band: which methods lie above, inside and below it."""
+    band = endpoint_band(rows)
+    methods = [r for r in rows if r.get("kind") == "method" and r.get("test_acc") is not None]
+    if band is None or not methods:
+        return []
+    groups: dict[str, list[str]] = {"above": [], "inside": [], "below": []}
+    for r in methods:
+        groups[band_position(r["test_acc"], band)].append(f"{r['method']} {_fmt(r['test_acc'], 'acc')}")
+    lines = [f"Endpoints' band (test accuracy, worst to best endpoint): {_fmt(band[0], 'acc')}–{_fmt(band[1], 'acc')}%."]
+    for where, names in groups.items():
+        lines.append(f"- {where} the band: {'; '.join(names) if names else 'none'}")
     return lines
 
 
@@ -143,6 +192,8 @@ def render_summary(context: Mapping) -> str:
         if endpoints and ref and ref.get("test_acc") is not None:
             listed = ", ".join(f"{r['method']} {_fmt(r.get('test_acc'), 'acc')}%" for r in endpoints)
             out += [f"Endpoints (test accuracy): {listed}; mean {_fmt(ref['test_acc'], 'acc')}%.", ""]
+        if band_lines := _band_summary(rows):
+            out += [*band_lines, ""]
     if alignment := context.get("alignment"):
         out += ["## Alignment", ""] + [f"- **{k}**: {_fmt(v, 'other')}" for k, v in alignment.items()] + [""]
     if cycle := context.get("cycle"):
@@ -175,12 +226,13 @@ def short_table(context: Mapping) -> str:
     if not rows:
         return "(no results)\n"
     width = max(len("method"), *(len(str(r["method"])) for r in rows))
-    heads = ("test acc", "test loss", "train acc", "train loss")
+    columns = _columns(rows)
+    heads = [col.replace("validation", "val").replace("_", " ") for col, _ in columns]
     lines = [f"{'method':<{width}}  " + "  ".join(f"{h:>10}" for h in heads)]
     lines.append("-" * len(lines[0]))
     for row in rows:
         cells = []
-        for col, _ in _COLUMNS:
+        for col, _ in columns:
             text = _fmt(row.get(col), _kind(col))
             cells.append(f"{text + '%' if _kind(col) == 'acc' and text != '–' else text:>10}")
         lines.append(f"{str(row['method']):<{width}}  " + "  ".join(cells))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from cyclemerge.config import ModelConfig, TrainConfig
 from cyclemerge.data import DataBundle, augment_batch, iterate_batches
+from cyclemerge.io import SAFE_FORMATS, CheckpointError, read_checkpoint_file
 from cyclemerge.models import build_model
 from cyclemerge.permutation import StateDict
 
@@ -133,12 +134,79 @@ def make_checkpoint(state_dict: StateDict, model_cfg: ModelConfig, data: DataBun
     }
 
 
-class CheckpointError(ValueError):
-    """A user checkpoint that cannot be merged; the message names the file and the fix."""
+def _describe(obj: object) -> str:
+    """What a loaded file holds, for an error message (a training checkpoint names its keys)."""
+    if isinstance(obj, dict):
+        nested = [str(k) for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor)
+                                                                                        for t in v.values())]
+        hint = f"; its state dict may be under {', '.join(map(repr, nested[:3]))}: save that dict alone" if nested else ""
+        keys = ", ".join(repr(k) for k in list(obj)[:5]) + (", …" if len(obj) > 5 else "")
+        return f"a dict with non-tensor entries (keys {keys}){hint}"
+    return f"a {type(obj).__name__}"
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating point" if dtype.is_floating_point else "integer"
+
+
+def read_user_checkpoint(path: str | Path, model_cfg: ModelConfig, reference: StateDict) -> StateDict:
+    """One user checkpoint as a state dict that fits ``reference``, or a CheckpointError saying why.
+
+    Reads ``.safetensors`` or a ``torch.save`` file without running code from it (a pickled whole
+    model or any other object is refused before it can execute). A state dict's values must be
+    dense tensors whose keys, shapes and kind of dtype (floating point, integer) match the model;
+    a float16 or float64 checkpoint is converted to the model's dtype.
+    """
+    path = Path(path)
+    label = "train.checkpoints"
+    if not path.exists():
+        raise CheckpointError(f"{label}: {path} does not exist (check the path; relative paths are "
+                              "resolved against the project folder)")
+    obj = read_checkpoint_file(path, label=label)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        saved_arch = obj.get("model", {}).get("arch") if isinstance(obj.get("model"), dict) else None
+        if saved_arch != model_cfg.arch:
+            raise CheckpointError(f"{label}: {path} holds a {saved_arch!r} model but model.arch is "
+                                  f"{model_cfg.arch!r}; set model.arch (and its widths) to match the checkpoints")
+        obj = obj.get("state_dict")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        what = "an empty dict" if isinstance(obj, dict) and not obj else _describe(obj)
+        raise CheckpointError(f"{label}: {path} holds {what}, not a state dict; "
+                              f"save models with torch.save(model.state_dict(), path). Safe formats: {SAFE_FORMATS}")
+    names = {str(k) for k in obj}
+    missing = sorted(set(reference) - names)
+    unexpected = sorted(names - set(reference))
+    if missing or unexpected or len(names) != len(obj):
+        raise CheckpointError(
+            f"{label}: {path} does not match model.arch={model_cfg.arch!r}: missing keys {missing[:5]}"
+            f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+            "; set model.arch and its widths to those the checkpoints were trained with")
+    obj = {str(k): v for k, v in obj.items()}
+    odd = [f"{k}: {obj[k].layout} on {obj[k].device.type}" for k in reference
+           if obj[k].layout != torch.strided or obj[k].device.type != "cpu"]
+    if odd:
+        raise CheckpointError(f"{label}: {path} holds sparse, meta or other non-dense tensors ({'; '.join(odd[:3])}); "
+                              "save dense weights that hold values (model.state_dict() of a model on a real device)")
+    wrong = [f"{k}: {tuple(obj[k].shape)} vs expected {tuple(t.shape)}" for k, t in reference.items()
+             if tuple(obj[k].shape) != tuple(t.shape)]
+    if wrong:
+        raise CheckpointError(f"{label}: {path} has mismatched shapes ({'; '.join(wrong[:3])}); "
+                              "set model.hidden / model.width and the dataset to those the checkpoints were trained with")
+    kinds = [f"{k}: {obj[k].dtype} vs expected {t.dtype}" for k, t in reference.items()
+             if _kind(obj[k].dtype) != _kind(t.dtype)]
+    if kinds:
+        raise CheckpointError(f"{label}: {path} has tensors of the wrong kind of dtype ({'; '.join(kinds[:3])}); "
+                              "weights must be floating point and counters integers, as model.state_dict() gives them")
+    return {k: obj[k].detach().to(reference[k].dtype).clone() for k in reference}
 
 
 def import_checkpoints(paths: list[str | Path], model_cfg: ModelConfig, data: DataBundle) -> list[StateDict]:
-    """Load N user checkpoints (our format or a bare state dict) and check they fit one architecture.
+    """Load N user checkpoints (our format, a bare state dict, or .safetensors) and check they fit one
+    architecture (see :func:`read_user_checkpoint`).
 
     Non-finite weights are not rejected here: the pre-filter before alignment flags and drops them,
     so one broken checkpoint does not stop a merge of the others.
@@ -146,35 +214,4 @@ def import_checkpoints(paths: list[str | Path], model_cfg: ModelConfig, data: Da
     if len(paths) < 2:
         raise CheckpointError(f"train.checkpoints: merging needs at least 2 checkpoints, got {len(paths)}")
     reference = model_for(model_cfg, data).state_dict()
-    out: list[StateDict] = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise CheckpointError(f"train.checkpoints: {path} does not exist (check the path; relative paths are "
-                                  "resolved against the project folder)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to a user
-            raise CheckpointError(f"train.checkpoints: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                                  f"{e}); save models with torch.save(model.state_dict(), path)") from None
-        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-            saved_arch = obj["model"].get("arch")
-            if saved_arch != model_cfg.arch:
-                raise CheckpointError(f"train.checkpoints: {path} holds a {saved_arch!r} model but model.arch is "
-                                      f"{model_cfg.arch!r}; set model.arch (and its widths) to match the checkpoints")
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(f"train.checkpoints: {path} holds a {type(obj).__name__}, not a state dict; "
-                                  "save models with torch.save(model.state_dict(), path)")
-        missing = sorted(set(reference) - set(obj))
-        unexpected = sorted(set(obj) - set(reference))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"train.checkpoints: {path} does not match model.arch={model_cfg.arch!r}: missing keys {missing[:5]}"
-                f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
-        wrong = [f"{k}: {tuple(obj[k].shape)} vs expected {tuple(t.shape)}" for k, t in reference.items()
-                 if tuple(obj[k].shape) != tuple(t.shape)]
-        if wrong:
-            raise CheckpointError(f"train.checkpoints: {path} has mismatched shapes ({'; '.join(wrong[:3])}); "
-                                  "set model.hidden / model.width and the dataset to those the checkpoints were trained with")
-        out.append({k: obj[k].detach().to(reference[k].dtype).clone() for k in reference})
-    return out
+    return [read_user_checkpoint(path, model_cfg, reference) for path in paths]

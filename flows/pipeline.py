@@ -26,16 +26,23 @@ from prefect import flow
 
 from cyclemerge.config import ConfigError
 from cyclemerge.data import DataError
+from cyclemerge.stages.align import TooFewModelsError
 from cyclemerge.train import CheckpointError
+from flows.expected_errors import quiet_expected_errors
 from tasks import activations as t_act
 from tasks import align as t_align
+from tasks import baselines as t_base
 from tasks import evaluate as t_eval
 from tasks import gates as t_gates
 from tasks import repair as t_repair
 from tasks import train as t_train
+from tasks.artifacts import model_files
 from tasks.common import STAGE_ORDER, LockedError, Project, ProjectLock, resolve, run_cached
-from tasks.align import TooFewModelsError
 from tasks.tracking import PARENT_ENV, TrackingError, finish_parent, stage_run, start_parent
+
+# One message and an exit code for these (main() below); Prefect's run logs stay silent about them.
+EXPECTED_ERRORS = (ConfigError, LockedError, CheckpointError, DataError, TooFewModelsError, TrackingError)
+quiet_expected_errors(EXPECTED_ERRORS)
 
 
 # The stages that fan out one task per model; only they are worth a Dask cluster.
@@ -108,13 +115,27 @@ def train_flow(project: Project, force: bool = False, parent_run_id: str | None 
                 jobs.append((key, kwargs, run_cached(t_train.train_seed, project, key=key, force=force, wait=False, **kwargs)))
             results = [resolve(t_train.train_seed, project, fut, key=key, **kw) for key, kw, fut in jobs]
         results = results if isinstance(results, list) else [results]
-        summary = t_train.summarize_training(project, results, seconds=time.perf_counter() - started, run_id=run.run_id)
+        summary = t_train.summarize_training(project, results, seconds=time.perf_counter() - started)
         summary["cached"] = all(r.get("cached") for r in results)
         run.log_metrics({f"model_{m['index']}.test_acc": m["test_acc"] for m in summary["summary"]["models"]})
         run.log_metrics({"mean_test_acc": summary["summary"]["mean_test_acc"] or float("nan")})
         run.log_artifact(project.metrics_path("train"))
         run.log_artifact(summary["plot"], "plots")
     return summary
+
+
+@flow(name="cyclemerge-activations")
+def activations_flow(project: Project, force: bool = False, parent_run_id: str | None = None) -> dict:
+    """One statistics task per model (side by side on the configured task runner), then the correlations."""
+    key = project.stage_key("activations")
+    with stage_run(project, "activations", parent_run_id):
+        n = len(model_files(project))
+        jobs = [(f"{key}-model{i}", i) for i in range(n)]
+        futures = [run_cached(t_act.model_stats, project, key=k, force=force, wait=False, index=i) for k, i in jobs]
+        results = [resolve(t_act.model_stats, project, fut, key=k, index=i) for (k, i), fut in zip(jobs, futures)]
+        if project.cfg.activations.correlations:
+            results.append(run_cached(t_act.cross_correlations, project, key=f"{key}-corr", force=force))
+        return t_act.summarize_activations(project, results, models=n)
 
 
 def _single_stage(stage_module, name: str):
@@ -124,21 +145,19 @@ def _single_stage(stage_module, name: str):
         with stage_run(project, name, parent_run_id) as run:
             # Under `dvc repro` the parent comes from the environment: the stage run knows it.
             kwargs = {"run_id": run.run_id, "parent_run_id": parent_run_id or run.parent_id}
-            if name == "activations":
-                return t_act.run_activations(project, key=key, force=force, run_id=run.run_id)
             return run_cached(stage_module.stage_task, project, key=key, force=force, **kwargs)
 
     return stage_flow
 
 
-activations_flow = _single_stage(t_act, "activations")
 align_flow = _single_stage(t_align, "align")
+baselines_flow = _single_stage(t_base, "baselines")
 gates_flow = _single_stage(t_gates, "gates")
 repair_flow = _single_stage(t_repair, "repair")
 evaluate_flow = _single_stage(t_eval, "evaluate")
 
 STAGE_FLOWS = {"train": train_flow, "activations": activations_flow, "align": align_flow,
-               "gates": gates_flow, "repair": repair_flow, "evaluate": evaluate_flow}
+               "baselines": baselines_flow, "gates": gates_flow, "repair": repair_flow, "evaluate": evaluate_flow}
 
 
 def run_stage(project: Project, stage: str, force: bool = False, parent_run_id: str | None = None) -> dict:
@@ -153,7 +172,7 @@ def run_stage(project: Project, stage: str, force: bool = False, parent_run_id: 
 @flow(name="cyclemerge-pipeline")
 def pipeline(params: str = "params.yaml", overrides: list[str] | None = None, force: list[str] | None = None,
              project_dir: str | None = None) -> dict:
-    """The whole DAG: train -> activations -> align -> gates -> repair -> evaluate."""
+    """The whole DAG: train -> activations -> align (and baselines) -> gates -> repair -> evaluate."""
     project = Project.load(project_dir or flows._env.ROOT, params, overrides or [])
     force = set(force or [])
     timings = {}
@@ -171,9 +190,20 @@ def pipeline(params: str = "params.yaml", overrides: list[str] | None = None, fo
 
 
 def run_dvc(project: Project, force: list[str]) -> int:
-    """`dvc repro` under one MLflow parent run, so its stage processes nest their runs under it."""
-    with ProjectLock(project):
-        parent = start_parent(project)
+    """`dvc repro` under one MLflow parent run, so its stage processes nest their runs under it, and on
+    one Prefect API, which they share instead of each starting a server of its own (flows/_env.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    from flows.uptodate import up_to_date
+
+    if not force and up_to_date(project.root):
+        return 0  # nothing is stale: no server, no parent run (nothing ran), as `make run` does
+    with ProjectLock(project), ExitStack() as stack:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # The server starts while MLflow opens the parent run: seconds each, so side by side.
+            api = pool.submit(stack.enter_context, flows._env.shared_prefect_api())
+            parent = start_parent(project)
         env = dict(os.environ)
         if parent:
             env[PARENT_ENV] = parent
@@ -181,6 +211,7 @@ def run_dvc(project: Project, force: list[str]) -> int:
         dvc = str(Path(sys.executable).with_name("dvc"))
         status = "FAILED"
         try:
+            env["PREFECT_API_URL"] = api.result()
             if not (project.root / ".dvc").exists():
                 subprocess.run([dvc, "init", "-q"], cwd=project.root, check=True, env=env)
             rc = 0

@@ -1,0 +1,1 @@
+"""Prefect tasks of the cyclemerge pipeline: one module per stage, and what they share."""

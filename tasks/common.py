@@ -1,7 +1,9 @@
-"""What every stage task shares: the project's paths, stage cache keys, output manifests.
+"""What every stage task shares: the project and the paths of its artifacts, stage cache keys, output manifests.
 
-Cache keys are built from ``dvc.yaml`` itself (the params sections and deps a stage lists), so the
-Prefect cache and DVC's stage cache agree on what is stale by construction.
+Cache keys are built from ``dvc.yaml`` itself (the params and deps a stage lists; ``python -m
+tasks.deps --write`` derives the code deps from the imports), so the Prefect cache and DVC's stage
+cache agree on what is stale by construction. ``Project`` owns every artifact's path and
+``tasks/artifacts.py`` their formats, so no task module imports another.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import yaml
 from cyclemerge.config import Config, dump_params, load_config
 from cyclemerge.io import file_hash
 
-STAGE_ORDER = ("train", "activations", "align", "gates", "repair", "evaluate")
+STAGE_ORDER = ("train", "activations", "align", "baselines", "gates", "repair", "evaluate")
 CACHE_VERSION = "1"  # bump to invalidate every cached stage result at once
 
 
@@ -45,14 +47,48 @@ class Project:
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
+    @property
+    def models_dir(self) -> Path:
+        return self.artifacts / "models"
+
     def model_path(self, i: int) -> Path:
-        return self.artifacts / "models" / f"model_{i}.pt"
+        return self.models_dir / f"model_{i}.pt"
+
+    @property
+    def activations_dir(self) -> Path:
+        return self.artifacts / "activations"
+
+    def stats_path(self, i: int) -> Path:
+        return self.activations_dir / f"model_{i}.pt"
+
+    @property
+    def correlations_path(self) -> Path:
+        return self.activations_dir / "correlations.pt"
+
+    @property
+    def alignment_path(self) -> Path:
+        return self.artifacts / "alignment" / "alignment.pt"
+
+    @property
+    def baselines_path(self) -> Path:
+        return self.artifacts / "baselines" / "baselines.pt"
+
+    @property
+    def gates_path(self) -> Path:
+        return self.artifacts / "gates" / "gates.pt"
+
+    @property
+    def merged_path(self) -> Path:
+        return self.artifacts / "merged" / "merged.pt"
 
     def metrics_path(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
 
     def plot_path(self, name: str) -> Path:
         return self.root / "plots" / name
+
+    def report_path(self, name: str) -> Path:
+        return self.root / "reports" / name
 
     @property
     def params_hash(self) -> str:
@@ -86,6 +122,12 @@ class Project:
 
     def stage_deps(self, stage: str) -> list[str]:
         return [d if isinstance(d, str) else next(iter(d)) for d in self.dvc_stages[stage].get("deps", [])]
+
+    def library_deps(self, stage: str) -> tuple[str, ...]:
+        """The stage's code deps that compute its results: the library's modules and the stage's own task
+        module, not the shared task plumbing (paths, tracking). Keys of one part of a stage (one seed
+        model) use these, so a change in how runs are logged does not retrain a model."""
+        return tuple(d for d in self.stage_deps(stage) if d.startswith("cyclemerge/") or d == f"tasks/{stage}.py")
 
     def stage_key(self, stage: str, extra: dict | None = None, drop: tuple[str, ...] = (),
                   deps_only: tuple[str, ...] | None = None) -> str:

@@ -12,10 +12,9 @@ from prefect import task
 
 from cyclemerge.config import Config, dump_params
 from cyclemerge.data import load_data
-from cyclemerge.evaluate import accuracy_and_loss
 from cyclemerge.grid import GridFile, GridPoint, merge_rows, point_rows, read_csv, to_csv, to_markdown
 from cyclemerge.io import save_torch, write_text
-from cyclemerge.train import make_checkpoint, model_for, train_model
+from cyclemerge.stages.train import train_model
 from tasks.common import Project
 from tasks.tracking import attach
 
@@ -28,15 +27,11 @@ def train_to_cache(cfg: Config, seed: int, path: Path, data_dir: Path, threads: 
     """Train one seed model of the point's recipe and store it where every later point finds it."""
     torch.set_num_threads(threads)
     data = load_data(cfg.data, project_dir=data_dir)
-    result = train_model(cfg.model, cfg.train, data, seed)
-    model = model_for(cfg.model, data)
-    model.load_state_dict(result.state_dict)
-    test = accuracy_and_loss(model, data.test_x, data.test_y, batch_size=cfg.evaluate.batch_size)
-    metrics = {"test_acc": test["acc"], "test_loss": test["loss"], "seconds": result.seconds}
-    save_torch(make_checkpoint(result.state_dict, cfg.model, data, seed=seed, params_hash=cfg.section_hash("data", "model", "train"),
-                               metrics=metrics, history=result.history, source="grid"), path)
-    print(f"  trained seed {seed}: test acc {100 * test['acc']:.2f}% in {result.seconds:.0f} s -> {path}", flush=True)
-    return {"seed": seed, "path": str(path), **metrics}
+    trained = train_model(cfg, data, seed, params_hash=cfg.section_hash("data", "model", "train"), source="grid")
+    save_torch(trained.checkpoint, path)
+    m = trained.metrics
+    print(f"  trained seed {seed}: test acc {100 * m['test_acc']:.2f}% in {m['seconds']:.0f} s -> {path}", flush=True)
+    return {"seed": seed, "path": str(path), **m}
 
 
 @task(name="grid-point-folder")

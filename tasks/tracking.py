@@ -106,8 +106,17 @@ class Run:
         for k, v in tags.items():
             self._guard("set_tag", "set_tag", self.run_id, k, str(v))
 
-    def log_model(self, model, name: str, input_example, register_as: str | None = None) -> str | None:
-        """Log the merged model with ``mlflow.pytorch`` and optionally register it; returns the model URI."""
+    def log_model(self, model, name: str, input_example, register_as: str | None = None, *,
+                  extra_files: list[str | Path] | None = None, metadata: dict[str, Any] | None = None) -> str | None:
+        """Log the merged model and optionally register it; returns the model URI.
+
+        The model is stored in MLflow's ``pt2`` format (``torch.export``): a traced graph plus its
+        weights, loaded back by ``mlflow.pytorch.load_model`` as a callable ``GraphModule`` without
+        unpickling Python objects or importing cyclemerge (MLflow verifies that when
+        ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``). Its ``pickle`` format would run code on load.
+        ``extra_files`` (the ``.safetensors`` state dict) and ``metadata`` (the architecture) let a
+        user rebuild the original ``nn.Module`` with ``cyclemerge.models.build_model``.
+        """
         def _log():
             import mlflow
             import mlflow.pytorch
@@ -115,8 +124,9 @@ class Run:
             mlflow.set_tracking_uri(resolve_uri(self.project))
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(
-                    model, name=name, input_example=input_example, serialization_format="pickle",
-                    pip_requirements=["torch==2.14.1", "cyclemerge"])
+                    model, name=name, input_example=input_example, serialization_format="pt2",
+                    pip_requirements=["torch==2.14.1"], metadata=metadata,
+                    extra_files=[str(f) for f in extra_files or []] or None)
             if register_as:
                 version = mlflow.register_model(info.model_uri, register_as)
                 self.client.set_model_version_tag(register_as, version.version, "params_hash", self.project.params_hash)

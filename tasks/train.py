@@ -9,10 +9,9 @@ import torch
 from prefect import task
 from tqdm.auto import tqdm
 
-from cyclemerge.evaluate import accuracy_and_loss
-from cyclemerge.io import load_torch, save_torch, write_json
+from cyclemerge.io import file_hash, load_torch, save_torch, write_json
 from cyclemerge.plots import plot_training_curves
-from cyclemerge.train import import_checkpoints, make_checkpoint, model_for, train_model
+from cyclemerge.stages.train import import_models, train_model, training_summary
 from tasks.common import Project, by_key, load_stage_data, manifest
 from tasks.tracking import stage_run
 
@@ -21,8 +20,15 @@ SET_KEYS = ("train.num_models", "train.seeds", "train.checkpoints")
 
 
 def seed_key(project: Project, index: int, seed: int) -> str:
+    """One seed model's key: what trains it (the library code and this module), not which others exist."""
     return project.stage_key("train", extra={"seed": seed, "index": index}, drop=SET_KEYS,
-                             deps_only=("cyclemerge/data", "cyclemerge/models", "cyclemerge/train.py", "tasks/train.py"))
+                             deps_only=project.library_deps("train"))
+
+
+def checkpoint_files_key(project: Project) -> str:
+    files = {p: (file_hash(project.root / p) if (project.root / p).exists() else "missing")
+             for p in project.cfg.train.checkpoints or []}
+    return project.stage_key("train", extra={"checkpoints": files})
 
 
 @task(name="train-seed-model", cache_key_fn=by_key, persist_result=True)
@@ -44,55 +50,28 @@ def train_seed(project: Project, *, key: str, index: int, seed: int, parent_run_
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_acc']:.3f}")
             run.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
-        result = train_model(cfg.model, cfg.train, data, seed, on_epoch=on_epoch, on_step=on_step)
+        trained = train_model(cfg, data, seed, params_hash=project.params_hash, on_epoch=on_epoch, on_step=on_step)
         bar.close()
-        model = model_for(cfg.model, data)
-        model.load_state_dict(result.state_dict)
-        test = accuracy_and_loss(model, data.test_x, data.test_y, batch_size=cfg.evaluate.batch_size)
-        metrics = {"test_acc": test["acc"], "test_loss": test["loss"],
-                   "train_acc": result.history[-1]["train_acc"], "train_loss": result.history[-1]["train_loss"],
-                   "seconds": result.seconds}
-        run.log_metrics(metrics, step=len(result.history))  # after the last epoch, not before the first
-        path = save_torch(make_checkpoint(result.state_dict, cfg.model, data, seed=seed, params_hash=project.params_hash,
-                                          metrics=metrics, history=result.history), project.model_path(index))
-    return manifest(project, [path], index=index, seed=seed, metrics=metrics)
+        run.log_metrics(trained.metrics, step=len(trained.history))  # after the last epoch, not before the first
+        path = save_torch(trained.checkpoint, project.model_path(index))
+    return manifest(project, [path], index=index, seed=seed, metrics=trained.metrics)
 
 
 @task(name="import-checkpoints", cache_key_fn=by_key, persist_result=True)
 def import_user_checkpoints(project: Project, *, key: str, parent_run_id: str | None) -> list[dict]:
     """Bring the user's own checkpoints in as model_0..model_{N-1}, evaluated like trained ones."""
     cfg = project.cfg
-    data = load_stage_data(project)
-    paths = [project.root / p for p in cfg.train.checkpoints]
-    state_dicts = import_checkpoints(paths, cfg.model, data)
-    model = model_for(cfg.model, data)
-    out = []
-    for i, (src, sd) in enumerate(zip(paths, state_dicts)):
-        finite = all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
-        metrics = {"test_acc": float("nan"), "test_loss": float("nan")}
-        if finite:
-            model.load_state_dict(sd)
-            test = accuracy_and_loss(model, data.test_x, data.test_y, batch_size=cfg.evaluate.batch_size)
-            metrics = {"test_acc": test["acc"], "test_loss": test["loss"]}
-        path = save_torch(make_checkpoint(sd, cfg.model, data, seed=None, params_hash=project.params_hash,
-                                          metrics=metrics, source=str(src)), project.model_path(i))
-        out.append(manifest(project, [path], index=i, seed=None, source=str(src), metrics=metrics))
-    return out
-
-
-def checkpoint_files_key(project: Project) -> str:
-    from cyclemerge.io import file_hash
-
-    files = {p: (file_hash(project.root / p) if (project.root / p).exists() else "missing")
-             for p in project.cfg.train.checkpoints or []}
-    return project.stage_key("train", extra={"checkpoints": files})
+    models = import_models([project.root / p for p in cfg.train.checkpoints], cfg, load_stage_data(project),
+                           params_hash=project.params_hash)
+    return [manifest(project, [save_torch(m.checkpoint, project.model_path(i))], index=i, seed=None, source=m.source,
+                     metrics=m.metrics) for i, m in enumerate(models)]
 
 
 @task(name="summarize-training")
-def summarize_training(project: Project, results: list[dict], *, seconds: float, run_id: str | None) -> dict:
+def summarize_training(project: Project, results: list[dict], *, seconds: float) -> dict:
     """metrics/train.json, the training-curve plot, and stale model files of a smaller N removed."""
     keep = {project.model_path(r["index"]).name for r in results}
-    for stale in (project.artifacts / "models").glob("model_*.pt"):
+    for stale in project.models_dir.glob("model_*.pt"):
         if stale.name not in keep:
             stale.unlink()
     models = [{"index": r["index"], "seed": r["seed"], **r["metrics"]} for r in sorted(results, key=lambda r: r["index"])]
@@ -102,10 +81,7 @@ def summarize_training(project: Project, results: list[dict], *, seconds: float,
         if old.get("models") == models:
             # Nothing retrained: a rewrite would only change the wall time, and DVC would call train stale.
             return {"summary": old, "plot": str(plot_file), "finished": time.time()}
-    accs = [m["test_acc"] for m in models if m["test_acc"] == m["test_acc"]]
-    summary = {"models": models, "mean_test_acc": sum(accs) / len(accs) if accs else None,
-               "min_test_acc": min(accs) if accs else None, "seconds": seconds,
-               "params_hash": project.stage_params_hash("train")}
+    summary = {**training_summary(models), "seconds": seconds, "params_hash": project.stage_params_hash("train")}
     write_json(summary, project.metrics_path("train"))
     histories = {}
     for r in results:
@@ -113,5 +89,4 @@ def summarize_training(project: Project, results: list[dict], *, seconds: float,
         if ckpt.get("history"):
             histories[f"model {r['index']} (seed {r['seed']})"] = ckpt["history"]
     plot = plot_training_curves(histories, project.plot_path("train_curves.png"))
-    from tasks.tracking import Run  # noqa: F401 - the stage run is owned by the flow
     return {"summary": summary, "plot": str(plot), "finished": time.time()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import pickle
 import struct
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from cyclemerge.config import ConfigError, DataConfig, SyntheticConfig
+from cyclemerge.config import ConfigError, DataConfig, SyntheticConfig, config_from_dict
 from cyclemerge.data import (
     KNOWN_MD5,
     Checksums,
@@ -30,6 +31,7 @@ from cyclemerge.data import (
     iterate_batches,
     load_data,
     resolve_root,
+    split_train,
 )
 from cyclemerge.data import sources
 from cyclemerge.data.registry import EMNIST_CLASSES
@@ -432,6 +434,76 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path):
     assert abs(b.train_x.mean().item()) < 0.01 and abs(b.train_x.std().item() - 1) < 0.01
     assert torch.equal(b.train_y.bincount(), torch.full((10,), 6000))
     assert len(b.calib_idx) == 5000 and len(b.train_idx) == 55000
+    assert not b.has_validation and len(b.validation_set()[0]) == 0
+    # The default run's data, as hashed before data.validation_size existed: its caches stay valid.
+    assert fingerprint(b) == "f8c0398d5b00a244"
+    held = load_data(DataConfig(root=str(tmp_path), download=False, validation_size=5000))
+    assert len(held.val_idx) == 5000 and len(held.train_idx) == 50000 and torch.equal(held.calib_idx, b.calib_idx)
+
+
+# ---------------------------------------------------------------- validation slice
+
+def digest(*idx: torch.Tensor) -> str:
+    return hashlib.sha256(b"".join(i.numpy().tobytes() for i in idx)).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({}, "f103fb6345666df0"),
+    ({"calibration_disjoint": False, "train_subset": 20000, "seed": 2}, "db42a8e3fa776c5c"),
+])
+def test_slices_without_validation_are_those_from_before_it_existed(kw, expected):
+    """Digests recorded with the code before data.validation_size: with 0 nothing moves."""
+    cfg = DataConfig(**kw)
+    assert cfg.validation_size == 0
+    train_idx, calib_idx, val_idx = split_train(60000, cfg)
+    assert digest(train_idx, calib_idx) == expected and len(val_idx) == 0
+    assert digest(*calibration_split(60000, cfg)) == expected
+    bundle = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, seed=3))
+    assert fingerprint(bundle) == "1d2fb7383c727666"
+
+
+@pytest.mark.parametrize("disjoint, subset", list(itertools.product([True, False], [None, 40])))
+def test_validation_is_disjoint_from_training_calibration_and_test(disjoint, subset):
+    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=60,
+                     calibration_disjoint=disjoint, train_subset=subset, seed=5)
+    b = load_data(cfg)
+    train, calib, val = (set(i.tolist()) for i in (b.train_idx, b.calib_idx, b.val_idx))
+    assert len(val) == len(b.val_idx) == 60 and b.has_validation
+    assert not val & train and not val & calib
+    assert (calib <= train) == (not disjoint and subset is None)
+    assert len(train) == (subset or (300 - 60 - (50 if disjoint else 0)))
+    if subset is None:
+        assert train | calib | val == set(range(300))
+    val_x, val_y = b.validation_set()
+    assert torch.equal(val_x, b.train_x[b.val_idx]) and torch.equal(val_y, b.train_y[b.val_idx])
+    assert torch.cdist(val_x.flatten(1), b.test_x.flatten(1)).min() > 1e-3  # no validation image is a test image
+    assert fingerprint(b) != fingerprint(load_data(cfg.model_copy(update={"validation_size": 0})))
+
+
+def test_validation_is_deterministic_and_keeps_the_other_slices_in_place():
+    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=30, train_subset=100)
+    a, b = split_train(300, cfg), split_train(300, cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    without = split_train(300, cfg.model_copy(update={"validation_size": 0}))
+    # Validation comes off the far end of the seeded order: calibration and a fitting subset stay put.
+    assert torch.equal(a[1], without[1]) and torch.equal(a[0], without[0])
+    wider = split_train(300, cfg.model_copy(update={"validation_size": 60}))
+    assert set(a[2].tolist()) < set(wider[2].tolist())
+    other_seed = split_train(300, cfg.model_copy(update={"seed": 1}))
+    assert not torch.equal(other_seed[2], a[2])
+
+
+@pytest.mark.parametrize("disjoint, most", [(True, 249), (False, 250)])
+def test_validation_too_large_for_the_train_split_names_the_key(disjoint, most):
+    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, calibration_disjoint=disjoint)
+    split_train(300, cfg.model_copy(update={"validation_size": most}))
+    with pytest.raises(ConfigError) as err:
+        load_data(cfg.model_copy(update={"validation_size": most + 1}))
+    msg = str(err.value)
+    assert "data.validation_size" in msg and "300 samples" in msg and f"at most {most}" in msg
+    assert "never the test split" in msg
+    with pytest.raises(ConfigError, match="data.validation_size"):
+        config_from_dict({"data": {"validation_size": -1}})
 
 
 # ---------------------------------------------------------------- batches and augmentation

@@ -16,9 +16,10 @@ import pytest
 import torch
 import yaml
 
+from tasks.common import STAGE_ORDER
 from tests.conftest import make_project
 
-STAGES = ("train", "activations", "align", "gates", "repair", "evaluate")
+STAGES = STAGE_ORDER
 
 
 @pytest.fixture
@@ -223,10 +224,10 @@ def test_ctrl_c_mid_stage_leaves_no_partial_artifact_and_the_rerun_resumes(tmp_p
 
         return io._atomic(path, half_then_ctrl_c)  # the writer every artifact goes through
 
-    monkeypatch.setattr(tasks.repair, "save_torch", interrupted_save)
+    monkeypatch.setattr(tasks.repair, "save_model_checkpoint", interrupted_save)
     code, out, err = cli(root)
     assert code == 130 and "interrupted: every finished stage is kept; run the same command again" in err
-    assert stage_status(out) == {s: "done" for s in STAGES[:4]}
+    assert stage_status(out) == {s: "done" for s in STAGES[:STAGES.index("repair")]}
     assert not (root / "artifacts" / "merged").exists() or not any((root / "artifacts" / "merged").iterdir())
     assert not (root / "metrics" / "repair.json").exists()
     with ProjectLock(Project.load(root)):  # the interrupted run let go of the project
@@ -237,7 +238,7 @@ def test_ctrl_c_mid_stage_leaves_no_partial_artifact_and_the_rerun_resumes(tmp_p
     with caplog.at_level(logging.WARNING, logger="cyclemerge.tracking"):
         code, out, err = cli(root)
     assert code == 0, err[-3000:]
-    assert stage_status(out) == {**{s: "cached" for s in STAGES[:4]}, "repair": "done", "evaluate": "done"}
+    assert stage_status(out) == {**{s: "cached" for s in STAGES[:STAGES.index("repair")]}, "repair": "done", "evaluate": "done"}
     ck = torch.load(root / "artifacts" / "merged" / "merged.pt", weights_only=False)
     assert ck["format"] == "cyclemerge-checkpoint/1" and not list(root.rglob("*.tmp"))
     # The store was unreachable: one warning for the run, and no result lost.

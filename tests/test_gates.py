@@ -13,10 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclemerge.config import DataConfig, GatesConfig, SyntheticConfig
+from cyclemerge.averaging import average
+from cyclemerge.config import GRANULARITIES, DataConfig, GatesConfig, SyntheticConfig
 from cyclemerge.data import load_data
-from cyclemerge.gate_report import gate_table, layer_weights, stat_point_weights, weights_for_stat_point
-from cyclemerge.gate_training import (
+from cyclemerge.gates.distribution import (
+    HardConcrete,
+    combine,
+    final_weights,
+    gated_tensors,
+    make_plan,
+    merge_with_weights,
+)
+from cyclemerge.gates.learning import (
     GateResult,
     constant_keys,
     learn_gates,
@@ -25,29 +33,14 @@ from cyclemerge.gate_training import (
     temperature_at,
     uniform_result,
 )
-from cyclemerge.gates import (
-    HardConcrete,
-    combine,
-    final_weights,
-    gated_tensors,
-    make_plan,
-    merge_with_weights,
-)
-from cyclemerge.merge import average
+from cyclemerge.gates.report import gate_table, layer_weights, stat_point_weights, weights_for_stat_point
 from cyclemerge.models import MLP, ResNet20
 from cyclemerge.prefilter import screen_models
 
-GRANULARITIES = ("model", "layer", "tensor", "channel")
 LN11 = math.log(11.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine's 2 cores are shared; several threads per tiny matmul only thrash
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def test_tables_keep_other_points_replace_reruns_and_show_published_numbers(tmp_
 def test_grid_flow_shares_seed_models_across_n_tracks_each_point_and_reruns_from_cache(tmp_path, prefect_harness):
     import torch
 
-    from flows.benchmark import grid_flow
+    from flows.grid import grid_flow
 
     torch.set_num_threads(1)
     root = make_project(tmp_path / "proj", {"tracking": {"register_model": False}})

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cyclemerge import matching
+from cyclemerge.averaging import average
 from cyclemerge.config import MATCHERS, AlignConfig, ModelConfig
 from cyclemerge.matching import c2m3
 from cyclemerge.matching.objectives import ActivationObjective, WeightObjective, vertex
+from cyclemerge.matching.polish import polish_activations, polish_weights, reanchor
 from cyclemerge.matching.metrics import cycle_error, cycle_error_by_group, maps_from_pairs, objective
-from cyclemerge.merge import average
 from cyclemerge.models import ChannelAffine, LayerNorm2d, build_model
 from cyclemerge.permutation import apply_perms, group_sizes, invert, is_identity, pairwise_map, random_perms
 
@@ -83,14 +84,7 @@ def same_maps(found, expected) -> bool:
     return all(torch.equal(found[ab][g], expected[ab][g]) for ab in expected for g in expected[ab])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run many tiny tensor ops; on a shared 2-core machine a second intra-op thread
-    only adds synchronization waits (measured 20x slower), so use one and restore it after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -494,3 +488,119 @@ def test_bad_inputs_fail_with_a_clear_message():
     other = {k: v[..., :3] if k == "layers.0.weight" else v for k, v in sd.items()}
     with pytest.raises(ValueError, match="model 1"):
         matching.match(state_dicts=[sd, other], spec=spec, config=AlignConfig())
+
+
+# --- polish: block-coordinate LAP ascent after Frank-Wolfe's rounding -----------------------------
+
+
+def scramble(perms, model: int, group: str, swaps: int, seed: int):
+    """``perms`` with ``swaps`` random transpositions applied to one model's group."""
+    out = [dict(p) for p in perms]
+    p = out[model][group].clone()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(swaps):
+        a, b = torch.randperm(p.numel(), generator=g)[:2].tolist()
+        p[[a, b]] = p[[b, a]]
+    out[model][group] = p
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet20-ln"])
+def test_polish_restores_a_disturbed_planted_solution_and_keeps_the_anchor(arch):
+    """From the truth with units swapped in two models, every block's LAP against the others finds
+    the planted units again (exact copies: the truth is the global maximum), and the universe is
+    relabelled so the anchor keeps the identity."""
+    model, sds, spec, truth = planted(arch, n_models=3, seed=6)
+    anchored = reanchor(truth, 0)
+    groups = list(group_sizes(spec, sds[0]))
+    start = scramble(scramble(anchored, 0, groups[0], 3, seed=1), 2, groups[-1], 3, seed=2)
+    assert objective(sds, spec, start) < objective(sds, spec, anchored) - 1e-9
+    perms, report = polish_weights(sds, spec, start, tol=1e-9, max_sweeps=20, anchor=0)
+    assert same_maps(matching.pairwise_maps(matching.MatchResult(perms, matching.MatchReport("c2m3"))), truth_maps(truth))
+    assert is_identity(perms[0])
+    assert report.stop_reason == "converged" and report.steps_kept >= 2
+    assert report.objective_after == pytest.approx(objective(sds, spec, perms), rel=1e-12)
+    assert report.objective_after > report.objective_before
+    x = inputs(arch)
+    for sd, p in zip(sds, perms):
+        torch.testing.assert_close(outputs(model, apply_perms(sd, spec, p), x), outputs(model, sd, x))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet20-ln"])
+def test_polish_never_lowers_the_frank_wolfe_objective_on_random_models(arch):
+    sds, spec, _, _ = random_state(arch, 3, seed=2)
+    for init in ("identity", "barycenter"):
+        plain = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(init=init, max_iter=10))
+        polished = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(init=init, max_iter=10, polish=True))
+        report = polished.report.extra["polish"]
+        assert report["objective_before"] == pytest.approx(plain.report.extra["objective"], rel=1e-12)
+        assert polished.report.extra["objective"] == pytest.approx(objective(sds, spec, polished.perms), rel=1e-12)
+        assert polished.report.extra["objective"] >= plain.report.extra["objective"]
+        # Random models are far from one basin: FW's rounding leaves steps that gain.
+        assert report["steps_kept"] > 0 and polished.report.extra["objective"] > plain.report.extra["objective"]
+        assert is_identity(polished.perms[0])
+        assert cycle_error(matching.pairwise_maps(polished), 3) == 0.0
+        # Polish does not move the Frank-Wolfe iterates, only what follows the rounding.
+        assert polished.report.objective_history == plain.report.objective_history
+
+
+def test_polish_after_frank_wolfe_on_trained_models_reaches_a_block_optimum(trained):
+    sds, spec = trained
+    plain = matching.match(state_dicts=sds, spec=spec, config=AlignConfig())
+    polished = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(polish=True))
+    assert polished.report.extra["objective"] >= plain.report.extra["objective"]
+    assert "polish" not in plain.report.extra  # off by default: the default run is unchanged
+    # At the end no (model, group) LAP against the others gains: a second polish keeps nothing.
+    _, again = polish_weights(sds, spec, polished.perms, tol=1e-6, max_sweeps=5, anchor=0)
+    assert again.steps_kept == 0 and again.sweeps == 1
+    symmetric = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(anchor=False, polish=True))
+    assert symmetric.report.extra["polish"]["objective_after"] >= symmetric.report.extra["polish"]["objective_before"]
+    assert cycle_error(matching.pairwise_maps(symmetric), 3) == 0.0
+
+
+def test_polish_runs_on_every_restart_before_selection(trained):
+    sds, spec = trained
+    config = AlignConfig(restarts=3, max_iter=5)
+    plain = matching.match(state_dicts=sds, spec=spec, config=config)
+    polished = matching.match(state_dicts=sds, spec=spec, config=config.model_copy(update={"polish": True}))
+    before, after = plain.report.extra["starts"], polished.report.extra["starts"]
+    assert all(b["objective"] <= a["objective"] + 1e-9 for b, a in zip(before, after))
+    assert polished.report.extra["selected_start"] == max(range(3), key=lambda k: after[k]["objective"])
+    chosen = polished.report.extra["selected_start"]
+    assert polished.report.extra["rounded_objective"] == pytest.approx(before[chosen]["objective"], rel=1e-12)
+
+
+def test_activation_polish_restores_planted_units_and_never_lowers_the_objective():
+    sizes = {"a": 9, "b": 6}
+    corr, truth = planted_correlations(sizes, 4, seed=3, noise=0.05)
+    corr = matching.base.check_correlations(corr, sizes, 4)
+    anchored = reanchor(truth, 1)
+    start = scramble(scramble(anchored, 1, "a", 3, seed=0), 3, "b", 2, seed=1)
+    perms, report = polish_activations(corr, start, tol=1e-9, max_sweeps=20, anchor=1)
+    assert all(torch.equal(perms[i][g], anchored[i][g]) for i in range(4) for g in sizes)
+    assert report.objective_after == pytest.approx(matching.activation_objective(corr, perms), rel=1e-12)
+    assert report.objective_after > report.objective_before
+    model = make("mlp", 0)
+    sds, spec = [model.state_dict()] * 3, model.perm_spec()
+    noisy, _ = planted_correlations(group_sizes(spec, sds[0]), 3, seed=8, noise=1.0)
+    plain = matching.match(state_dicts=sds, spec=spec, correlations=noisy,
+                           config=AlignConfig(cost="activations", max_iter=3))
+    polished = matching.match(state_dicts=sds, spec=spec, correlations=noisy,
+                              config=AlignConfig(cost="activations", max_iter=3, polish=True))
+    assert polished.report.extra["objective"] >= plain.report.extra["objective"]
+    assert polished.report.extra["objective"] == pytest.approx(
+        matching.activation_objective(matching.base.check_correlations(noisy, group_sizes(spec, sds[0]), 3),
+                                      polished.perms), rel=1e-12)
+
+
+def test_polish_keeps_only_steps_that_gain_more_than_tol(trained):
+    sds, spec = trained
+    plain = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(max_iter=3))
+    value = objective(sds, spec, plain.perms)
+    # A tolerance larger than any possible relative gain: nothing is kept, the input comes back.
+    perms, report = polish_weights(sds, spec, plain.perms, tol=10.0, max_sweeps=5, anchor=0)
+    assert report.steps_kept == 0 and report.sweeps == 1 and report.stop_reason == "converged"
+    assert all(torch.equal(a[g], b[g]) for a, b in zip(perms, plain.perms) for g in a)
+    assert report.objective_after == pytest.approx(value, rel=1e-12)
+    _, capped = polish_weights(sds, spec, plain.perms, tol=0.0, max_sweeps=1, anchor=0)
+    assert capped.sweeps == 1

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from cyclemerge.averaging import average, to_universe_all
 from cyclemerge.config import ModelConfig
-from cyclemerge.merge import average, merge_and_repair, to_universe_all
 from cyclemerge.models import build_model
 from cyclemerge.permutation import random_perms
+from cyclemerge.stages.repair import merge_and_repair
 
 
 def _sd(seed):

@@ -14,6 +14,9 @@ from torch.func import functional_call
 from cyclemerge.config import ARCHITECTURES, ModelConfig
 from cyclemerge.models import MODELS, ChannelAffine, LayerNorm2d, PermutableModel, build_model
 from cyclemerge.permutation import apply_perms, check_spec, group_sizes, random_perms
+from tests import spec_oracles as oracle
+
+USER_CNN = "tests.fixtures.user_cnn:build"
 
 NUM_CLASSES = 10
 SHAPES = [(1, 28), (3, 32)]
@@ -288,11 +291,47 @@ def test_registry_matches_config_and_rejects_unknown_arch():
     assert sorted(MODELS) == sorted(ARCHITECTURES)
     with pytest.raises(ValidationError):
         ModelConfig(arch="lenet")
-    with pytest.raises(ValueError, match="unknown model architecture 'lenet'; known: mlp, resnet20, vgg16"):
+    with pytest.raises(ValueError, match="unknown model architecture 'lenet'; known: custom, mlp, resnet20, vgg16"):
         build_model(ModelConfig.model_construct(arch="lenet"), in_channels=1, image_size=28, num_classes=10)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_models_follow_the_protocol(arch):
-    model = build_model(ModelConfig(arch=arch), in_channels=1, image_size=28, num_classes=10)
+    cfg = ModelConfig(arch=arch, factory=USER_CNN) if arch == "custom" else ModelConfig(arch=arch)
+    model = build_model(cfg, in_channels=1, image_size=28, num_classes=10)
     assert isinstance(model, PermutableModel)
+    assert model.derived_spec().perm_spec == model.perm_spec()
+
+
+def test_derived_specs_are_the_hand_written_ones(case):
+    """One source of truth: the derived spec, renamed to the papers' groups, IS the hand-written spec,
+    key for key and in the same order (so group order, and every number of a run, stay the same)."""
+    _, model, sd, spec, _ = case
+    assert list(spec.items()) == list(oracle.perm_spec(model).items())
+    assert list(model.stat_points().items()) == list(oracle.stat_points(model).items())
+    assert list(model.layer_parts().items()) == list(oracle.layer_parts(model).items())
+    assert model.derived_spec().composite_keys == []
+
+
+def test_spec_derivation_leaves_the_global_rng_and_the_weights_alone():
+    def build_then_draw(derive: bool):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch="resnet20", width=2), in_channels=1, image_size=12, num_classes=10)
+        if derive:
+            model.perm_spec()
+        return model.state_dict(), torch.rand(3)
+
+    (sd_a, r_a), (sd_b, r_b) = build_then_draw(False), build_then_draw(True)
+    assert torch.equal(r_a, r_b) and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_specs_are_derived_once_per_structure_and_survive_hooks():
+    cfg = ModelConfig(arch="mlp", hidden=[7, 5])
+    a, b = (build_model(cfg, in_channels=1, image_size=4, num_classes=3) for _ in range(2))
+    assert a.derived_spec() is b.derived_spec()
+    other = build_model(ModelConfig(arch="mlp", hidden=[7, 6]), in_channels=1, image_size=4, num_classes=3)
+    assert other.derived_spec().groups == {"h0": 7, "h1": 6}
+    # A forward hook that reads shapes (as activation recording does) must not break the trace.
+    fresh = build_model(ModelConfig(arch="resnet20"), in_channels=2, image_size=9, num_classes=3)
+    fresh.stages[0].register_forward_hook(lambda m, i, o: tuple(o.shape[1:]))
+    assert fresh.stat_points()["norm1"] == "res0" and len(fresh.stages[0]._forward_hooks) == 1

@@ -18,10 +18,11 @@ import pytest
 import torch
 import yaml
 
+from tasks.common import STAGE_ORDER
 from tests.conftest import REPO, make_project
 
 pytestmark = pytest.mark.slow
-STAGES = ("train", "activations", "align", "gates", "repair", "evaluate")
+STAGES = STAGE_ORDER
 
 
 def prefect_keys(root: Path) -> dict[str, object]:
@@ -102,8 +103,9 @@ def test_second_run_with_nothing_changed_recomputes_nothing(runs):
 def test_a_gates_param_recomputes_gates_repair_evaluate_only_and_dvc_agrees(runs):
     assert runs["dvc_clean"] == set()
     changed = {s for s in STAGES if runs["keys_before_gates"][s] != runs["keys_after_gates"][s]}
-    # Before anything reruns, both caches see exactly one stale stage: the one whose params moved.
-    assert changed == runs["dvc_before_gates_run"] == {"gates"}
+    # Before anything reruns, both caches see the stages whose params moved: gates, and evaluate,
+    # whose run summary names gates.lam.
+    assert changed == runs["dvc_before_gates_run"] == {"gates", "evaluate"}
     assert recomputed(runs["gates"]) == ["gates", "repair", "evaluate"]
     # After the Prefect run, DVC (whose lock still describes the old run) calls stale exactly what
     # Prefect recomputed: the gates params, and the artifacts that changed downstream of them.
@@ -121,11 +123,12 @@ def committed(runs, project) -> Path:
 
 @pytest.mark.parametrize("dotted, value, stale", [
     ("evaluate.interpolation_steps", 5, {"evaluate"}),
-    ("repair.num_samples", 60, {"repair", "evaluate"}),
-    ("repair.method", "reset_bn", {"align", "repair", "evaluate"}),  # align's restart scoring uses it
+    # align's restart scoring repairs each candidate; the baselines are repaired too
+    ("repair.num_samples", 60, {"align", "baselines", "repair", "evaluate"}),
+    ("repair.method", "reset_bn", {"align", "baselines", "repair", "evaluate"}),
     ("activations.num_samples", 60, {"activations"}),
     ("train.epochs", 2, {"train"}),
-    ("train.num_models", 4, {"train"}),
+    ("train.num_models", 4, {"train", "evaluate"}),  # the run summary names N
     ("data.seed", 1, set(STAGES)),
 ])
 def test_prefect_keys_and_dvc_status_name_the_same_stale_stages(committed, dotted, value, stale):

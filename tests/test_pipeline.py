@@ -30,7 +30,7 @@ def flow_run(tmp_path_factory, prefect_harness):
 
 def test_flow_runs_every_stage_and_writes_the_promised_metrics(flow_run):
     root, out = flow_run
-    assert list(out["stages"]) == ["train", "activations", "align", "gates", "repair", "evaluate"]
+    assert list(out["stages"]) == ["train", "activations", "align", "baselines", "gates", "repair", "evaluate"]
     ev = json.loads((root / "metrics" / "evaluate.json").read_text())
     assert {"endpoints", "ensemble", "merged", "naive", "params_hash"} <= set(ev)
     assert {"C2M3 uniform", "C2M3 uniform + repair", "C2M3 + gates", "C2M3 + gates + repair"} <= set(ev["methods"])
@@ -107,7 +107,7 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_a_gates_change_to
     assert _run(["dvc", "init", "-q"], root).returncode == 0
     first = _run(["dvc", "repro"], root, **env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("train", "activations", "align", "gates", "repair", "evaluate"):
+    for stage in ("train", "activations", "align", "baselines", "gates", "repair", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
     assert (root / "dvc.lock").exists()
     from mlflow import MlflowClient

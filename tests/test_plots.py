@@ -8,6 +8,7 @@ from cyclemerge.plots import (
     PAIR_SIZE,
     SINGLE_SIZE,
     heatmap_size,
+    method_axis,
     plot_cycle_paths,
     plot_gate_heatmap,
     plot_interpolation,
@@ -75,18 +76,51 @@ def test_objective_png(tmp_path):
     assert png_shape(out) == px(SINGLE_SIZE)
 
 
-def test_method_bars_png(tmp_path):
-    rows = [
-        {"method": "endpoint_0", "kind": "endpoint", "test_acc": 0.91},
-        {"method": "endpoint_1", "kind": "endpoint", "test_acc": 0.90},
-        {"method": "endpoint mean", "kind": "reference", "test_acc": 0.905},
-        {"method": "naive", "kind": "method", "test_acc": 0.12},
-        {"method": "c2m3", "kind": "method", "test_acc": 0.80},
-        {"method": "skipped", "kind": "method", "test_acc": None},
-    ]
-    out = plot_method_bars(rows, tmp_path / "bars.png")
-    h, w = png_shape(out)
-    assert h == round(4.8 * DPI) and w == round(max(6.0, 1.5 + 0.8 * 4) * DPI)
+def committed_like_rows():
+    """The default run's method table (metrics/evaluate.json at the time of writing), in fractions."""
+    endpoints = [0.8971, 0.8971, 0.898, 0.8952, 0.8958]
+    rows = [{"method": f"model {i}", "kind": "endpoint", "test_acc": a} for i, a in enumerate(endpoints)]
+    rows.append({"method": "endpoint mean", "kind": "reference", "test_acc": sum(endpoints) / 5})
+    for name, acc in [("ensemble (outputs)", 0.899), ("C2M3 uniform", 0.8831), ("C2M3 + gates + repair", 0.8935),
+                      ("naive average", 0.10), ("naive average + repair", 0.3481), ("MergeMany", 0.8873),
+                      ("pairwise to reference", 0.8821), ("skipped", None)]:
+        rows.append({"method": name, "kind": "method", "test_acc": acc})
+    return rows
+
+
+def test_method_axis_resolves_the_band_and_sets_chance_level_methods_apart():
+    layout = method_axis(committed_like_rows())
+    assert layout.band == (0.8952, 0.898)
+    assert layout.ensemble == 0.899 and layout.reference == pytest.approx(0.89664)
+    assert [r["method"] for r in layout.far] == ["naive average", "naive average + repair"]
+    assert "skipped" not in [r["method"] for r in layout.near]
+    lo, hi = layout.xlim
+    # Derived from the non-chance methods: 88.21 (pairwise) to 89.90 (ensemble), a little padding.
+    assert 87.9 < lo < 88.21 and 89.9 < hi < 90.2
+
+
+def test_method_axis_zooms_on_the_band_when_a_method_is_far_below():
+    rows = [{"method": f"e{i}", "kind": "endpoint", "test_acc": a} for i, a in enumerate([0.881, 0.889])]
+    rows += [{"method": "c2m3 + repair", "kind": "method", "test_acc": 0.8205},
+             {"method": "c2m3 + gates", "kind": "method", "test_acc": 0.8920}]
+    layout = method_axis(rows)
+    assert layout.reference == pytest.approx(0.885)  # no reference row: the endpoints' mean
+    # 5 x the band's width (0.8 points) below its lower edge, so 82.05 sits on the left edge.
+    assert layout.xlim[0] == pytest.approx(88.1 - 4.0 - 0.08 * (89.2 - 84.1))
+    assert [r["method"] for r in layout.near] == ["c2m3 + repair", "c2m3 + gates"] and not layout.far
+
+
+def test_method_figure_png_with_and_without_the_far_panel(tmp_path):
+    rows = committed_like_rows()
+    h, w = png_shape(plot_method_bars(rows, tmp_path / "methods.png"))
+    near_rows = 1 + 5  # the endpoints' row and the methods on the axis
+    assert abs(h - max(3.2, 1.5 + 0.34 * near_rows) * DPI) <= 1 and w == round(11.5 * DPI)  # taller with more rows
+    close = [r for r in rows if not str(r["method"]).startswith("naive")]
+    assert png_shape(plot_method_bars(close, tmp_path / "close.png"))[1] == round(8.5 * DPI)
+    only_far = [r for r in rows if r["kind"] != "endpoint" and str(r["method"]).startswith("naive")] + rows[:2]
+    png_shape(plot_method_bars(only_far, tmp_path / "far.png", metric="test_acc"))
+    no_endpoints = [r for r in rows if r["kind"] == "method"]
+    png_shape(plot_method_bars(no_endpoints, tmp_path / "bare.png"))
 
 
 def test_training_curves_accept_both_history_shapes(tmp_path):

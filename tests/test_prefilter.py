@@ -10,12 +10,7 @@ from cyclemerge.permutation import apply_perms, random_perms
 from cyclemerge.prefilter import map_into_universe, screen_models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def models(n: int = 4, arch: str = "mlp"):

@@ -1,6 +1,6 @@
 from cyclemerge.config import Config
 from cyclemerge.evaluate import method_table
-from cyclemerge.report import params_from_config, render_summary, short_table
+from cyclemerge.report import band_position, endpoint_band, params_from_config, render_summary, short_table
 
 
 def context():
@@ -66,3 +66,29 @@ def test_short_table_is_fixed_width():
     assert any(line.startswith("c2m3+gates+repair") and "85.00%" in line and "0.4500" in line for line in lines)
     assert any(line.startswith("naive") and line.rstrip().endswith("–") for line in lines)
     assert short_table({}) == "(no results)\n"
+
+
+def test_methods_are_placed_against_the_endpoints_band():
+    rows = context()["rows"] + [{"method": "soft merge", "kind": "method", "test_acc": 0.9020, "test_loss": 0.3},
+                                {"method": "inside", "kind": "method", "test_acc": 0.9000, "test_loss": 0.3}]
+    assert endpoint_band(rows) == (0.8988, 0.9012)
+    assert [band_position(v, (0.8988, 0.9012)) for v in (0.8988, 0.9012, 0.9013, 0.8)] == \
+        ["inside", "inside", "above", "below"]
+    text = render_summary({"rows": rows})
+    assert "| vs endpoints' band (test) |" in text
+    assert "| naive | 10.00 | 2.3000 | – | – | -80.00 | below (-79.88 under the worst) |" in text
+    assert "| soft merge | 90.20 | 0.3000 | – | – | +0.20 | above (+0.08 over the best) |" in text
+    assert "| inside | 90.00 | 0.3000 | – | – | +0.00 | inside |" in text
+    assert "| endpoint_0 (endpoint) | 90.12 | 0.3100 | 95.00 | 0.2000 | – | – |" in text
+    assert "Endpoints' band (test accuracy, worst to best endpoint): 89.88–90.12%." in text
+    assert "- above the band: soft merge 90.20" in text and "- inside the band: inside 90.00" in text
+    assert "- below the band: naive 10.00; c2m3+gates+repair 85.00" in text
+
+
+def test_validation_columns_appear_only_when_evaluated():
+    assert "validation" not in render_summary(context()) and "val acc" not in short_table(context())
+    rows = [dict(r, validation_acc=0.5, validation_loss=1.0) for r in context()["rows"]]
+    text = render_summary({"rows": rows})
+    assert "| method | test acc (%) | test loss | validation acc (%) | validation loss | train acc (%) |" in text
+    assert "| naive | 10.00 | 2.3000 | 50.00 | 1.0000 | – | – | -80.00 |" in text
+    assert "val acc" in short_table({"rows": rows})

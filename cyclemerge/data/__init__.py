@@ -1,7 +1,7 @@
 """Datasets in memory: loading offline, checking, caching, slicing, batching.
 
 ``load_data(cfg.data, project_dir)`` returns a :class:`DataBundle` of normalized float tensors with
-its training and calibration index slices; ``iterate_batches`` and ``augment_batch`` feed models
+its training, calibration and validation index slices; ``iterate_batches`` and ``augment_batch`` feed models
 from it; ``fingerprint`` hashes what a stage saw, for cache keys.
 """
 
@@ -14,6 +14,7 @@ from cyclemerge.data.bundle import (
     load_data,
     normalize,
     resolve_root,
+    split_train,
 )
 from cyclemerge.data.formats import DataCorruptedError, DataError
 from cyclemerge.data.registry import KNOWN_MD5, SPECS, Checksums, DatasetSpec, dataset_spec
@@ -39,4 +40,5 @@ __all__ = [
     "load_data",
     "normalize",
     "resolve_root",
+    "split_train",
 ]

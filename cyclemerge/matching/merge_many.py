@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from cyclemerge.averaging import average
 from cyclemerge.config import AlignConfig
 from cyclemerge.matching.base import (
     Correlations,
@@ -28,7 +29,6 @@ from cyclemerge.matching.base import (
 )
 from cyclemerge.matching.metrics import activation_objective, objective
 from cyclemerge.matching.weight_matching import match_pair
-from cyclemerge.merge import average
 from cyclemerge.permutation import PermSpec, Perms, StateDict, apply_perms
 
 REFERENCE_URL = "https://arxiv.org/abs/2209.04836"

@@ -1,8 +1,5 @@
-"""Building blocks shared by the models, and the small helpers their perm specs are made of.
-
-Specs are derived from the modules' own state dicts, so a buffer added to a norm (BatchNorm's running
-statistics, a ChannelAffine's scale) is covered without anyone writing its name by hand.
-"""
+"""Building blocks shared by the built-in models (their perm specs are derived from the graph:
+:mod:`cyclemerge.models.graph_spec`)."""
 
 from __future__ import annotations
 
@@ -11,8 +8,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from cyclemerge.permutation import PermSpec
 
 NormKind = Literal["layernorm", "batchnorm"]
 
@@ -68,32 +63,3 @@ def make_norm(kind: NormKind, num_channels: int) -> nn.Module:
     if kind == "batchnorm":
         return nn.BatchNorm2d(num_channels)
     raise ValueError(f"unknown norm {kind!r}; known: layernorm, batchnorm")
-
-
-def layer_spec(prefix: str, module: nn.Module, out_group: str | None, in_group: str | None = None) -> PermSpec:
-    """Spec entries of one module's own tensors.
-
-    Linear/Conv weights are (out, in, kernel...); every 1-D tensor (bias, norm affine, running
-    statistics, shortcut scale/shift) follows the output channels; scalars such as BatchNorm's
-    ``num_batches_tracked`` are never permuted.
-    """
-    spec: PermSpec = {}
-    for name, tensor in module.state_dict().items():
-        key = f"{prefix}.{name}"
-        if name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d)):
-            spec[key] = (out_group, in_group) + (None,) * (tensor.dim() - 2)
-        elif tensor.dim() == 1:
-            spec[key] = (out_group,)
-        elif tensor.dim() == 0:
-            spec[key] = ()
-        else:
-            raise TypeError(f"layer_spec: no rule for {key} of shape {tuple(tensor.shape)} in {type(module).__name__}")
-    return spec
-
-
-def part_keys(model: nn.Module, *paths: str) -> list[str]:
-    """State-dict keys of the modules at ``paths`` (a layer and the norm that follows it), in order."""
-    keys: list[str] = []
-    for path in paths:
-        keys += [f"{path}.{name}" for name in model.get_submodule(path).state_dict()]
-    return keys

@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclemerge.models.layers import layer_spec, part_keys
-from cyclemerge.permutation import PermSpec
+from cyclemerge.models.graph_spec import GraphSpec, GroupNames, example_like
 
 
-class MLP(nn.Module):
-    """``layers.{i}`` are Linear layers with ReLU between them; hidden layer ``i`` is group ``h{i}``."""
+class MLP(GraphSpec, nn.Module):
+    """``layers.{i}`` are Linear layers with ReLU between them; hidden layer ``i`` is group ``h{i}``.
+
+    With no norms, the stat point of hidden layer ``i`` is its Linear's (pre-ReLU) output.
+    """
 
     def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int) -> None:
         super().__init__()
@@ -30,18 +32,8 @@ class MLP(nn.Module):
             x = F.relu(layer(x))
         return self.layers[-1](x)
 
-    def perm_spec(self) -> PermSpec:
-        spec: PermSpec = {}
-        prev = None
-        for i, layer in enumerate(self.layers):
-            group = f"h{i}" if i < self.num_hidden else None
-            spec |= layer_spec(f"layers.{i}", layer, group, prev)
-            prev = group
-        return spec
+    def spec_input(self) -> torch.Tensor:
+        return example_like(self, 1, self.layers[0].in_features)
 
-    def layer_parts(self) -> dict[str, list[str]]:
-        return {f"layers.{i}": part_keys(self, f"layers.{i}") for i in range(len(self.layers))}
-
-    def stat_points(self) -> dict[str, str]:
-        # No norms: the pre-ReLU output of each hidden Linear is where REPAIR rescales.
-        return {f"layers.{i}": f"h{i}" for i in range(self.num_hidden)}
+    def group_names(self) -> GroupNames:
+        return {(f"layers.{i}.weight", 0): f"h{i}" for i in range(self.num_hidden)}

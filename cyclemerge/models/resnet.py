@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclemerge.models.layers import ChannelAffine, NormKind, layer_spec, make_norm, part_keys
-from cyclemerge.permutation import PermSpec
+from cyclemerge.models.graph_spec import GraphSpec, GroupNames, example_like
+from cyclemerge.models.layers import ChannelAffine, NormKind, make_norm
 
 STAGE_WIDTHS = (16, 32, 64)
 STAGE_STRIDES = (1, 2, 2)
@@ -44,30 +44,8 @@ class BasicBlock(nn.Module):
         out = self.norm2(self.conv2(out))
         return F.relu(self.residual(out + self.shortcut(x)))
 
-    def perm_spec(self, prefix: str, in_group: str, out_group: str) -> PermSpec:
-        inner = f"{prefix}.inner"
-        spec = layer_spec(f"{prefix}.conv1", self.conv1, inner, in_group)
-        spec |= layer_spec(f"{prefix}.norm1", self.norm1, inner)
-        spec |= layer_spec(f"{prefix}.conv2", self.conv2, out_group, inner)
-        spec |= layer_spec(f"{prefix}.norm2", self.norm2, out_group)
-        if self.downsample:
-            spec |= layer_spec(f"{prefix}.shortcut.0", self.shortcut[0], out_group, in_group)
-            spec |= layer_spec(f"{prefix}.shortcut.1", self.shortcut[1], out_group)
-        else:
-            spec |= layer_spec(f"{prefix}.shortcut", self.shortcut, out_group)
-        return spec
 
-    def stat_points(self, prefix: str, out_group: str) -> dict[str, str]:
-        shortcut_out = f"{prefix}.shortcut.1" if self.downsample else f"{prefix}.shortcut"
-        return {
-            f"{prefix}.norm1": f"{prefix}.inner",
-            f"{prefix}.norm2": out_group,
-            shortcut_out: out_group,
-            f"{prefix}.residual": out_group,
-        }
-
-
-class ResNet20(nn.Module):
+class ResNet20(GraphSpec, nn.Module):
     def __init__(self, in_channels: int, num_classes: int, width: int = 1, norm: NormKind = "layernorm") -> None:
         super().__init__()
         widths = [w * width for w in STAGE_WIDTHS]
@@ -88,31 +66,14 @@ class ResNet20(nn.Module):
             x = stage(x)
         return self.linear(x.mean(dim=(2, 3)))
 
-    def _blocks(self):
-        """(module path, block, group read from, group written to) in forward order."""
+    def spec_input(self) -> torch.Tensor:
+        # Any image size gives the same spec (the convs and the mean over space see no size); 16 is cheap.
+        return example_like(self, 1, self.conv1.in_channels, 16, 16)
+
+    def group_names(self) -> GroupNames:
+        names = {("conv1.weight", 0): "res0"}
         for s, stage in enumerate(self.stages):
-            for b, block in enumerate(stage):
-                yield f"stages.{s}.{b}", block, f"res{max(s - 1, 0) if b == 0 else s}", f"res{s}"
-
-    def perm_spec(self) -> PermSpec:
-        spec = layer_spec("conv1", self.conv1, "res0", None)
-        spec |= layer_spec("norm1", self.norm1, "res0")
-        for path, block, in_group, out_group in self._blocks():
-            spec |= block.perm_spec(path, in_group, out_group)
-        spec |= layer_spec("linear", self.linear, None, f"res{len(self.stages) - 1}")
-        return spec
-
-    def layer_parts(self) -> dict[str, list[str]]:
-        parts = {"conv1": part_keys(self, "conv1", "norm1")}
-        for path, _, _, _ in self._blocks():
-            parts[f"{path}.conv1"] = part_keys(self, f"{path}.conv1", f"{path}.norm1")
-            parts[f"{path}.conv2"] = part_keys(self, f"{path}.conv2", f"{path}.norm2")
-            parts[f"{path}.shortcut"] = part_keys(self, f"{path}.shortcut")
-        parts["linear"] = part_keys(self, "linear")
-        return parts
-
-    def stat_points(self) -> dict[str, str]:
-        points = {"norm1": "res0"}
-        for path, block, _, out_group in self._blocks():
-            points |= block.stat_points(path, out_group)
-        return points
+            names[(f"stages.{s}.0.conv2.weight", 0)] = f"res{s}"
+            for b in range(len(stage)):
+                names[(f"stages.{s}.{b}.conv1.weight", 0)] = f"stages.{s}.{b}.inner"
+        return names

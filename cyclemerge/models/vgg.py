@@ -15,16 +15,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cyclemerge.models.layers import NormKind, layer_spec, make_norm, part_keys
-from cyclemerge.permutation import PermSpec
+from cyclemerge.models.graph_spec import GraphSpec, GroupNames, example_like
+from cyclemerge.models.layers import NormKind, make_norm
 
 VGG16_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 CLASSIFIER_WIDTH = 512
 
 
-class VGG16(nn.Module):
+class VGG16(GraphSpec, nn.Module):
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 1, norm: NormKind = "layernorm") -> None:
         super().__init__()
+        self.in_channels, self.image_size = in_channels, image_size
         layers: list[nn.Module] = []
         self.conv_paths: list[str] = []
         channels, size = in_channels, image_size
@@ -53,35 +54,10 @@ class VGG16(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
-    def _norm_path(self, conv_path: str) -> str:
-        i = int(conv_path.rsplit(".", 1)[1])
-        return f"features.{i + 1}"
+    def spec_input(self) -> torch.Tensor:
+        return example_like(self, 1, self.in_channels, self.image_size, self.image_size)
 
-    def _dense_paths(self) -> list[str]:
-        return [f"classifier.{i}" for i, m in enumerate(self.classifier) if isinstance(m, nn.Linear)]
-
-    def perm_spec(self) -> PermSpec:
-        spec: PermSpec = {}
-        prev = None
-        for k, path in enumerate(self.conv_paths):
-            group = f"conv{k}"
-            spec |= layer_spec(path, self.get_submodule(path), group, prev)
-            norm = self._norm_path(path)
-            spec |= layer_spec(norm, self.get_submodule(norm), group)
-            prev = group
-        dense = self._dense_paths()
-        for k, path in enumerate(dense):
-            group = f"fc{k}" if k < len(dense) - 1 else None
-            spec |= layer_spec(path, self.get_submodule(path), group, prev)
-            prev = group
-        return spec
-
-    def layer_parts(self) -> dict[str, list[str]]:
-        parts = {path: part_keys(self, path, self._norm_path(path)) for path in self.conv_paths}
-        parts |= {path: part_keys(self, path) for path in self._dense_paths()}
-        return parts
-
-    def stat_points(self) -> dict[str, str]:
-        points = {self._norm_path(path): f"conv{k}" for k, path in enumerate(self.conv_paths)}
-        points |= {path: f"fc{k}" for k, path in enumerate(self._dense_paths()[:-1])}
-        return points
+    def group_names(self) -> GroupNames:
+        names = {(f"{path}.weight", 0): f"conv{k}" for k, path in enumerate(self.conv_paths)}
+        dense = [f"classifier.{i}" for i, m in enumerate(self.classifier) if isinstance(m, nn.Linear)]
+        return names | {(f"{path}.weight", 0): f"fc{k}" for k, path in enumerate(dense[:-1])}

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cyclemerge.averaging import average
 from cyclemerge.config import GatesConfig
-from cyclemerge.merge import average
 from cyclemerge.permutation import PermSpec, StateDict
 
 EPS = 1e-6

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The MLflow UI as a user sees it (`make ui-check`).
 #
-#   bash benchmarks/ui_check.sh [PROJECT_DIR]     (default: the current folder)
+#   bash checks/ui_check.sh [PROJECT_DIR]     (default: the current folder)
 #
 # Starts `mlflow ui` on PROJECT_DIR/mlflow.db at a free local port, waits for /health, lets
-# benchmarks/ui_check.py photograph the newest pipeline run (run list, parent overview, a stage's
+# checks/ui_check.py photograph the newest pipeline run (run list, parent overview, a stage's
 # metric charts, a plot in the artifact browser) into PROJECT_DIR/ui-screenshots/, and stops the
 # server whatever happens. Environment: UI_CHECK_OUT (screenshot folder), UI_CHECK_TIMEOUT (seconds
 # per page, default 90), UI_CHECK_START_TIMEOUT (seconds for the server to come up, default 180),

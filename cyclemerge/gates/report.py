@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cyclemerge.gate_training import GateResult
+from cyclemerge.gates.learning import GateResult
 
 
 def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from cyclemerge.averaging import average
 from cyclemerge.config import GatesConfig
-from cyclemerge.gates import (
+from cyclemerge.gates.distribution import (
     GatePlan,
     HardConcrete,
     combine,
@@ -30,7 +31,6 @@ from cyclemerge.gates import (
     merge_with_weights,
     model_layer_parts,
 )
-from cyclemerge.merge import average
 from cyclemerge.permutation import StateDict
 
 Progress = Callable[[int, dict[str, float]], None]

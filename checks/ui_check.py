@@ -1,6 +1,6 @@
 """Screenshots of the MLflow UI as a user sees it, for the newest cyclemerge pipeline run.
 
-Started by ``benchmarks/ui_check.sh`` once an ``mlflow ui`` server answers at ``--url``. Finds the
+Started by ``checks/ui_check.sh`` once an ``mlflow ui`` server answers at ``--url``. Finds the
 newest finished parent run (tag ``cyclemerge.kind = pipeline``), the runs nested in it (stages, and
 runs nested in a stage such as one per seed model) and a plot PNG through the REST API, then drives
 headless Chromium over the DevTools protocol (on a pipe, so nothing beyond the standard library is

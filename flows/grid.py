@@ -1,8 +1,8 @@
 """The comparison grid as a Prefect flow: methods x N x architecture x dataset from a grid file.
 
-    python -m flows.benchmark benchmarks/grids/paper.yaml        # the C2M3 paper's table, our datasets
-    python -m flows.benchmark benchmarks/grids/width.yaml        # MLP width sweep
-    python -m flows.benchmark benchmarks/grids/width.yaml --only '*hidden=32*'
+    python -m flows.grid benchmarks/grids/paper.yaml        # the C2M3 paper's table, our datasets
+    python -m flows.grid benchmarks/grids/width.yaml        # MLP width sweep
+    python -m flows.grid benchmarks/grids/width.yaml --only '*hidden=32*'
 
 Each point is one run of the pipeline flow in its own project folder (``.cache/grid/<grid>/<point>``),
 fed with seed models from a cache shared by every point and grid (``.cache/grid/models``, keyed by
@@ -100,7 +100,7 @@ def grid_flow(grid_file: str, params: str = "params.yaml", only: list[str] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.benchmark", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flows.grid", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grid", help="grid file, e.g. benchmarks/grids/paper.yaml")
     ap.add_argument("--params", default="params.yaml", help="base params every point starts from")

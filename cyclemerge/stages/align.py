@@ -1,0 +1,129 @@
+"""Align stage: screen the models, map the clean ones into one universe with the configured method, and
+let the flagged ones in switched off (``align.outlier_action: gate_off``) or leave them out (``drop``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cyclemerge import matching
+from cyclemerge.activations import Stats
+from cyclemerge.averaging import to_universe_all
+from cyclemerge.config import Config
+from cyclemerge.evaluate import accuracy_and_loss, load_into
+from cyclemerge.permutation import PermSpec, StateDict
+from cyclemerge.prefilter import ScreenReport, map_into_universe, screen_models
+from cyclemerge.results import Alignment
+from cyclemerge.stages.repair import merge_and_repair
+
+log = logging.getLogger("cyclemerge.align")
+
+
+class TooFewModelsError(ValueError):
+    """Fewer than two models are left to merge after the pre-filter."""
+
+
+@dataclass
+class Screen:
+    """The pre-filter's verdict: which models are aligned, which enter switched off, which are dropped."""
+
+    report: ScreenReport
+    aligned: tuple[int, ...]
+    gate_off: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    @property
+    def kept(self) -> list[int]:
+        """The models in the universe, in universe order."""
+        return list(self.aligned) + list(self.gate_off)
+
+    def fate(self, i: int) -> str:
+        return "dropped" if i in self.dropped else "enters gating switched off"
+
+
+def screen(state_dicts: Sequence[StateDict], config: Config, *, quiet: bool = False) -> Screen:
+    """Flag outliers (non-finite weights, norms ``align.outlier_norm_ratio`` from the median); at least
+    two must pass. Each flagged model is logged as a warning unless ``quiet``."""
+    report = screen_models(list(state_dicts), config.align.outlier_norm_ratio)
+    aligned, gate_off, dropped = report.partition(config.align.outlier_action)
+    result = Screen(report, aligned, gate_off, dropped)
+    for i, reasons in ({} if quiet else report.reasons).items():
+        log.warning("model %d flagged by the pre-filter (%s): %s", i, result.fate(i), "; ".join(reasons[:3]))
+    if len(aligned) < 2:
+        raise TooFewModelsError(f"only {len(aligned)} model(s) passed the pre-filter (flagged: {report.reasons}); "
+                                "merging needs at least 2 — check the checkpoints or raise align.outlier_norm_ratio")
+    return result
+
+
+def calibration_scorer(model: nn.Module, state_dicts: Sequence[StateDict], stats: Sequence[dict[str, Stats]],
+                       spec: PermSpec, x: torch.Tensor, y: torch.Tensor, config: Config) -> Callable:
+    """Score for ``align.select_by: calibration_loss``: calibration CE of the merged (and repaired) model."""
+
+    def score(perms) -> float:
+        _, repaired = merge_and_repair(model, to_universe_all(state_dicts, spec, perms), method=config.repair.method,
+                                       x=x, batch_size=config.repair.batch_size, endpoint_stats=stats, perms=perms)
+        return accuracy_and_loss(load_into(model, repaired), x, y, batch_size=config.repair.batch_size)["loss"]
+
+    return score
+
+
+def needs_endpoint_stats(config: Config) -> bool:
+    """Whether :func:`align` needs the endpoints' activation statistics (to score restarts after REPAIR)."""
+    return config.align.select_by == "calibration_loss" and config.align.restarts > 1
+
+
+def align(state_dicts: Sequence[StateDict], model: nn.Module, config: Config, *,
+          correlations: dict[str, torch.Tensor] | None = None,
+          endpoint_stats: Sequence[dict[str, Stats]] | None = None,
+          calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+          progress: Callable[[int, float], None] | None = None) -> Alignment:
+    """Map ``state_dicts`` (one architecture, that of ``model``) into one universe with ``config.align``.
+
+    ``correlations`` (every input model's, ``align.cost: activations``) and, for restarts selected by
+    calibration loss, ``endpoint_stats`` (every input model's) and ``calibration`` (``x, y``, at least
+    ``repair.num_samples`` of them) are needed only by those settings.
+    """
+    sds = list(state_dicts)
+    spec = model.perm_spec()
+    verdict = screen(sds, config)
+    aligned = list(verdict.aligned)
+    clean = [sds[i] for i in aligned]
+
+    selected = None
+    if config.align.cost == "activations":
+        if correlations is None:
+            raise ValueError("align.cost=activations needs the models' correlations (activations.correlations: true)")
+        sel = torch.tensor(aligned)
+        selected = {g: c[sel][:, sel] for g, c in correlations.items()}
+
+    score = None
+    if needs_endpoint_stats(config):
+        if endpoint_stats is None or calibration is None:
+            raise ValueError("align.select_by=calibration_loss needs endpoint_stats and calibration data")
+        x, y = (t[:config.repair.num_samples] for t in calibration)
+        # a copy to load candidates into: the caller's model keeps its weights
+        score = calibration_scorer(copy.deepcopy(model), clean,
+                                   [endpoint_stats[i] for i in aligned], spec, x, y, config)
+
+    result = matching.match(state_dicts=clean, spec=spec, config=config.align, correlations=selected,
+                            progress=progress, score=score)
+    universe = to_universe_all(clean, spec, result.perms)
+    perms = list(result.perms)
+    for j in verdict.gate_off:
+        mapped, p = map_into_universe(sds[j], universe, spec, seed=config.align.seed)
+        universe.append(mapped)
+        perms.append(p)
+    n = len(aligned)
+    return Alignment(
+        method=config.align.method, indices=verdict.kept, gate_off=list(verdict.gate_off),
+        dropped=list(verdict.dropped), perms=perms, universe=universe, report=result.report.summary(),
+        objective=matching.objective(clean, spec, result.perms),
+        cycle_error=matching.cycle_error(matching.pairwise_maps(result), n),
+        cosine_before=matching.cosine_similarity(clean), cosine_after=matching.cosine_similarity(universe[:n]),
+        prefilter=dict(verdict.report.reasons))
