@@ -39,5 +39,6 @@ def average(state_dicts: Sequence[StateDict], weights: Sequence[float] | None = 
 
 
 def to_universe_all(state_dicts: Sequence[StateDict], spec: PermSpec, perms: Sequence[Perms]) -> list[StateDict]:
-    """Every model mapped into the universe by its own permutations."""
+    """Every model mapped into the universe by its own permutations, for a plain PermSpec. Stages map
+    through :func:`cyclemerge.universe.to_universe_all`, which also handles block-structured specs."""
     return [apply_perms(sd, spec, p) for sd, p in zip(state_dicts, perms)]

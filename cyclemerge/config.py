@@ -204,7 +204,10 @@ class GatesConfig(Section):
 class RepairConfig(Section):
     method: RepairMethod = "repair"
     num_samples: int = Field(5000, ge=1)
-    batch_size: int = Field(500, ge=1)
+    # REPAIR corrects every stat point in one pass with each batch's own statistics: a batch holding
+    # the whole slice meets the goal statistics exactly; smaller batches (for large models) leave an
+    # error of order 1/sqrt(batch_size * num_samples).
+    batch_size: int = Field(5000, ge=1)
 
 
 class EvaluateConfig(Section):

@@ -48,6 +48,7 @@ from torch import nn
 
 from cyclemerge.averaging import average
 from cyclemerge.permutation import Perms, PermSpec, StateDict, apply_perms, compose
+from cyclemerge.spec.derived import DerivedSpec
 
 Prepare = Callable[[StateDict], StateDict]
 
@@ -337,7 +338,7 @@ def fixed_fraction(perms: Perms) -> dict[str, float]:
 def cycle_experiment(
     model: nn.Module,
     sd_a: StateDict,
-    spec: PermSpec,
+    spec: PermSpec | DerivedSpec,
     maps_ab: Perms,
     maps_bc: Perms,
     maps_ca: Perms,
@@ -359,7 +360,8 @@ def cycle_experiment(
     """
     cycle = cycle_permutation(maps_ab, maps_bc, maps_ca)
     sd_a = unaliased(model, sd_a)
-    sd_a_prime = apply_perms(sd_a, spec, cycle)
+    # a DerivedSpec permutes block-structured tensors (cat, flatten) too, as cyclemerge.universe does
+    sd_a_prime = spec.apply(sd_a, cycle) if isinstance(spec, DerivedSpec) else apply_perms(sd_a, spec, cycle)
     fixed = fixed_fraction(cycle)
     units = sum(p.numel() for p in cycle.values())
     fixed_units = sum(fixed[g] * cycle[g].numel() for g in cycle)

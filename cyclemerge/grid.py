@@ -43,7 +43,7 @@ GridMethod = Literal[Matcher, "c2m3_gates"]
 METHOD_ROWS = {**{m: METHOD_LABELS[m] for m in MATCHERS if m != "c2m3"}, "c2m3": f"{METHOD_LABELS['c2m3']} uniform",
                "c2m3_gates": f"{METHOD_LABELS['c2m3']} + gates"}
 CSV_COLUMNS = ("grid", "point", "dataset", "arch", "N", "method", "test_acc", "test_loss", "train_acc", "train_loss",
-               "endpoints_test_acc", "relative_to_endpoints", "objective", "align_seconds", "params_hash")
+               "validation_acc", "validation_loss", "endpoints_validation_acc", "endpoints_test_acc", "relative_to_endpoints", "objective", "align_seconds", "params_hash")
 # Parameters that say which models exist or where they run, not how one model is trained.
 NOT_RECIPE = {"data": ("root", "download"), "train": ("num_models", "seeds", "checkpoints", "device")}
 
@@ -167,6 +167,8 @@ def point_rows(grid: GridFile, point: GridPoint, evaluation: dict, alignment: di
     """The grid's rows for one point, from the evaluate and align stages' metrics."""
     endpoints = evaluation["endpoints"]["mean"]["test_acc"]
     table = evaluation["methods"]
+    # Selection grids choose on validation (data.validation_size > 0); the endpoint mean is its yardstick.
+    endpoints_val = table.get("endpoint mean", {}).get("validation_acc")
     repair = point.cfg.repair.method
     # c2m3_gates reuses C2M3's alignment: its objective and seconds are C2M3's row, not repeated.
     objectives = {"c2m3": alignment.get("objective"),
@@ -186,7 +188,9 @@ def point_rows(grid: GridFile, point: GridPoint, evaluation: dict, alignment: di
         rows.append({
             "grid": grid.name, "point": point.id, "dataset": point.cfg.data.name, "arch": arch_label(point.cfg),
             "N": point.num_models, "method": name, "test_acc": r["test_acc"], "test_loss": r["test_loss"],
-            "train_acc": r.get("train_acc"), "train_loss": r.get("train_loss"), "endpoints_test_acc": endpoints,
+            "train_acc": r.get("train_acc"), "train_loss": r.get("train_loss"),
+            "validation_acc": r.get("validation_acc"), "validation_loss": r.get("validation_loss"),
+            "endpoints_validation_acc": endpoints_val, "endpoints_test_acc": endpoints,
             "relative_to_endpoints": r["test_acc"] / endpoints if endpoints else None,
             "objective": objectives.get(method), "align_seconds": seconds.get(method),
             "params_hash": point.cfg.section_hash(),
@@ -252,6 +256,12 @@ def to_markdown(grid: GridFile, rows: list[dict], skipped: dict[str, str] | None
     for pid, p in points.items():
         cells = [_pct(p[m]["test_acc"]) if m in p else "–" for m in methods]
         lines.append(f"| {pid} | {p['dataset']} | {p['arch']} | {p['N']} | " + " | ".join(cells) + " |")
+    if any(r.get("validation_acc") is not None for r in rows):
+        lines += ["", "Validation accuracy (%) of each method (what a selection grid chooses by; never the test split):", "",
+                  "| point | " + " | ".join(methods) + " |", "|---|" + "--:|" * len(methods)]
+        for pid, p in points.items():
+            cells = [_pct(p[m].get("validation_acc")) if m in p else "–" for m in methods]
+            lines.append(f"| {pid} | " + " | ".join(cells) + " |")
     if any(r.get("objective") is not None for r in rows):
         lines += ["", "Alignment objective (sum of pairwise inner products in the universe) and seconds:", "",
                   "| point | method | objective | align s |", "|---|---|--:|--:|"]

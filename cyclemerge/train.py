@@ -20,6 +20,7 @@ from cyclemerge.config import ModelConfig, TrainConfig
 from cyclemerge.data import DataBundle, augment_batch, iterate_batches
 from cyclemerge.io import SAFE_FORMATS, CheckpointError, read_checkpoint_file
 from cyclemerge.models import build_model
+from cyclemerge.models.custom import describe, how_to_fit
 from cyclemerge.permutation import StateDict
 
 CHECKPOINT_FORMAT = "cyclemerge-checkpoint/1"
@@ -182,9 +183,9 @@ def read_user_checkpoint(path: str | Path, model_cfg: ModelConfig, reference: St
     unexpected = sorted(names - set(reference))
     if missing or unexpected or len(names) != len(obj):
         raise CheckpointError(
-            f"{label}: {path} does not match model.arch={model_cfg.arch!r}: missing keys {missing[:5]}"
+            f"{label}: {path} does not match {describe(model_cfg)}: missing keys {missing[:5]}"
             f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
-            "; set model.arch and its widths to those the checkpoints were trained with")
+            f"; {how_to_fit(model_cfg)}")
     obj = {str(k): v for k, v in obj.items()}
     odd = [f"{k}: {obj[k].layout} on {obj[k].device.type}" for k in reference
            if obj[k].layout != torch.strided or obj[k].device.type != "cpu"]
@@ -195,7 +196,8 @@ def read_user_checkpoint(path: str | Path, model_cfg: ModelConfig, reference: St
              if tuple(obj[k].shape) != tuple(t.shape)]
     if wrong:
         raise CheckpointError(f"{label}: {path} has mismatched shapes ({'; '.join(wrong[:3])}); "
-                              "set model.hidden / model.width and the dataset to those the checkpoints were trained with")
+                              + ("set model.hidden / model.width and the dataset to those the checkpoints were trained with"
+                                 if model_cfg.arch != "custom" else f"{describe(model_cfg)} builds other shapes; {how_to_fit(model_cfg)} (and the dataset)"))
     kinds = [f"{k}: {obj[k].dtype} vs expected {t.dtype}" for k, t in reference.items()
              if _kind(obj[k].dtype) != _kind(t.dtype)]
     if kinds:

@@ -1,6 +1,6 @@
 """The one way from a model's state dicts to the matching methods and into the universe.
 
-A model's spec is a :class:`~cyclemerge.spec.DerivedSpec` (``spec_of``). When it has block-structured
+A model's spec is a :class:`~cyclemerge.spec.DerivedSpec` (``spec_of``, from cyclemerge.models). When it has block-structured
 tensors (``composite_keys``: the input channels of a conv after ``torch.cat``, a Linear after a
 flatten of C x H x W), its ``perm_spec`` describes *views* of the state dicts, where each block is a
 tensor of its own; the matching methods run on those views, and permutations are applied to the real
@@ -16,42 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
-
 from cyclemerge import matching
 from cyclemerge.config import AlignConfig
 from cyclemerge.matching import MatchResult
-from cyclemerge.permutation import PermSpec, Perms, StateDict, apply_perms, group_sizes
+from cyclemerge.models.graph_spec import spec_of
+from cyclemerge.permutation import PermSpec, Perms, StateDict, apply_perms
 from cyclemerge.prefilter import map_into_universe as _map_into_universe
 from cyclemerge.spec.derived import DerivedSpec
 
-
-def plain_spec(spec: PermSpec, state_dict: StateDict, *, stat_points: dict[str, str] | None = None,
-               layer_parts: dict[str, list[str]] | None = None) -> DerivedSpec:
-    """A hand-written PermSpec as a DerivedSpec (no blocks); keys it does not list are fixed."""
-    axes = {}
-    # the spec's own key order first: the matchers visit groups in the order they first appear
-    for key in [*(k for k in spec if k in state_dict), *(k for k in state_dict if k not in spec)]:
-        tensor = state_dict[key]
-        groups = spec.get(key, (None,) * tensor.dim())
-        axes[key] = tuple(((g, n, 1),) for g, n in zip(groups, tensor.shape))
-    return DerivedSpec(groups=group_sizes(spec, state_dict), axes=axes,
-                       shapes={k: tuple(t.shape) for k, t in state_dict.items()},
-                       stat_points=dict(stat_points or {}), layer_parts={k: list(v) for k, v in (layer_parts or {}).items()})
-
-
-def spec_of(model: nn.Module) -> DerivedSpec:
-    """The model's derived spec (``model.derived_spec()``, every model of ``build_model``), or one made
-    from a model that only writes ``perm_spec()`` by hand."""
-    derived = getattr(model, "derived_spec", None)
-    if callable(derived):
-        return derived()
-    if not hasattr(model, "perm_spec"):
-        raise TypeError(f"{type(model).__name__} has neither derived_spec() nor perm_spec(); build it with "
-                        "cyclemerge.models.build_model or derive one with cyclemerge.spec.derive_spec(...).attach")
-    points = model.stat_points() if hasattr(model, "stat_points") else None
-    parts = model.layer_parts() if hasattr(model, "layer_parts") else None
-    return plain_spec(model.perm_spec(), model.state_dict(), stat_points=points, layer_parts=parts)
+__all__ = ["alignment_objective", "map_into_universe", "match_models", "match_pair_models", "permute", "spec_of",
+           "to_universe_all", "views"]
 
 
 def views(spec: DerivedSpec, state_dicts: Sequence[StateDict]) -> list[StateDict]:
@@ -76,17 +50,17 @@ def to_universe_all(state_dicts: Sequence[StateDict], spec: DerivedSpec | PermSp
     return [permute(sd, spec, p) for sd, p in zip(state_dicts, perms)]
 
 
-def match(*, state_dicts: Sequence[StateDict], spec: DerivedSpec, config: AlignConfig, **options) -> MatchResult:
+def match_models(*, state_dicts: Sequence[StateDict], spec: DerivedSpec, config: AlignConfig, **options) -> MatchResult:
     """``matching.match`` on the views (``options``: correlations, progress, score)."""
     return matching.match(state_dicts=views(spec, state_dicts), spec=spec.perm_spec, config=config, **options)
 
 
-def objective(state_dicts: Sequence[StateDict], spec: DerivedSpec, perms: Sequence[Perms]) -> float:
+def alignment_objective(state_dicts: Sequence[StateDict], spec: DerivedSpec, perms: Sequence[Perms]) -> float:
     """``matching.objective`` (sum of universe inner products); every block counts once, as in the tensor."""
     return matching.objective(views(spec, state_dicts), spec.perm_spec, perms)
 
 
-def match_pair(target: StateDict, source: StateDict, spec: DerivedSpec, *, seed: int, max_iter: int) -> Perms:
+def match_pair_models(target: StateDict, source: StateDict, spec: DerivedSpec, *, seed: int, max_iter: int) -> Perms:
     """Weight matching of ``source`` into ``target``'s basis."""
     t, s = views(spec, [target, source])
     return matching.match_pair(t, s, spec.perm_spec, seed=seed, max_iter=max_iter)

@@ -57,9 +57,10 @@ _use_project_interpreter()
 def shared_prefect_api():
     """The URL of one Prefect API for a whole `dvc repro`, for its stage processes to share.
 
-    Without ``PREFECT_API_URL`` every process that runs a flow starts its own ephemeral server, 7-16 s
-    each (measured: stage processes spent more time on that than on their work). A URL already set
-    (a real server) is passed on as it is; otherwise one server is started here, and stopped on exit.
+    Without ``PREFECT_API_URL`` every process that runs a flow starts its own ephemeral server: 5-16 s
+    each on this 2-core machine, more than most stages' own work (benchmarks/speed.py measures it). A
+    URL already set (a real server) is passed on as it is; otherwise one server is started here, and
+    stopped on exit.
     """
     from prefect.settings import PREFECT_API_URL
 

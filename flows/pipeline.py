@@ -236,6 +236,15 @@ def print_summary(project: Project) -> None:
     print(f"  MLflow UI     make ui   (then open http://127.0.0.1:5000; store {project.cfg.tracking.uri})")
 
 
+def _no_flow_heartbeat():
+    """A stage process run by DVC in the foreground: no heartbeat thread, whose join at the end of
+    every flow costs up to a second. Heartbeats let a server notice crashed deployment runs; here the
+    process's exit code already says so."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
                 print_summary(project)
             return rc
         if args.stage:
-            if os.environ.get("CYCLEMERGE_LOCK_HELD"):
-                run_stage(project, args.stage, force=args.stage in args.force or "all" in args.force)
-            else:
-                with ProjectLock(project):
+            with _no_flow_heartbeat():
+                if os.environ.get("CYCLEMERGE_LOCK_HELD"):
                     run_stage(project, args.stage, force=args.stage in args.force or "all" in args.force)
+                else:
+                    with ProjectLock(project):
+                        run_stage(project, args.stage, force=args.stage in args.force or "all" in args.force)
             return 0
         pipeline(params=str(project.params_path), overrides=args.overrides, force=args.force,
                  project_dir=str(project.root))

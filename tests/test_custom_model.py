@@ -119,6 +119,35 @@ def test_build_model_calls_the_factory_with_the_dataset_shape_and_attaches_a_ver
     assert model(torch.zeros(2, 3, 12, 12)).shape == (2, 5)
 
 
+def test_checkpoints_that_do_not_fit_the_factory_name_the_file_and_the_factory(tmp_path):
+    from types import SimpleNamespace
+
+    from cyclemerge.io import CheckpointError
+    from cyclemerge.train import import_checkpoints
+
+    data = SimpleNamespace(in_channels=1, image_size=16, num_classes=10)
+    cfg = custom(kwargs={"width": 8})
+    good = [tmp_path / f"good{i}.pt" for i in range(2)]
+    for i, path in enumerate(good):
+        torch.manual_seed(i)
+        torch.save(build_user_cnn(width=8).state_dict(), path)
+    assert [set(sd) for sd in import_checkpoints(good, cfg, data)] == [set(build(cfg).state_dict())] * 2
+    narrow = tmp_path / "narrow.pt"
+    torch.save(build_user_cnn(width=4).state_dict(), narrow)
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoints([good[0], narrow], cfg, data)
+    message = str(err.value)
+    assert str(narrow) in message and "mismatched shapes" in message and f"model.factory {USER_CNN!r}" in message
+    assert "model.kwargs" in message
+    other = tmp_path / "other.pt"
+    torch.save(sorting_cnn().state_dict(), other)
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoints([good[0], other], cfg, data)
+    message = str(err.value)
+    assert str(other) in message and f"does not match model.factory {USER_CNN!r}" in message
+    assert "set model.factory and model.kwargs" in message
+
+
 # --- block-structured specs through the pipeline's one map ------------------------------------------------
 
 def trained_like(seed: int, width: int = 8) -> nn.Module:
@@ -157,12 +186,12 @@ def test_c2m3_on_views_undoes_planted_permutations_of_a_user_cnn():
     g = torch.Generator().manual_seed(7)
     planted = [{gr: torch.randperm(n, generator=g) for gr, n in spec.groups.items()} for _ in range(3)]
     copies = [universe.permute(base, spec, p) for p in planted]
-    result = universe.match(state_dicts=copies, spec=spec, config=AlignConfig(method="c2m3", max_iter=50))
+    result = universe.match_models(state_dicts=copies, spec=spec, config=AlignConfig(method="c2m3", max_iter=50))
     aligned = universe.to_universe_all(copies, spec, result.perms)
     for sd in aligned[1:]:
         assert all(torch.equal(sd[k], aligned[0][k]) for k in base)
-    assert universe.objective(copies, spec, result.perms) > universe.objective(copies, spec, planted)
-    perms = universe.match_pair(copies[0], copies[1], spec, seed=0, max_iter=20)
+    assert universe.alignment_objective(copies, spec, result.perms) > universe.alignment_objective(copies, spec, planted)
+    perms = universe.match_pair_models(copies[0], copies[1], spec, seed=0, max_iter=20)
     assert all(torch.equal(a, b) for a, b in zip(universe.permute(copies[1], spec, perms).values(), copies[0].values()))
     mapped, _ = universe.map_into_universe(copies[2], aligned[:2], spec)
     assert all(torch.equal(mapped[k], aligned[0][k]) for k in base)
@@ -242,7 +271,7 @@ def test_dvc_repro_merges_user_cnns_from_a_factory(tmp_path):
         assert f"Running stage '{stage}'" in run.stdout
     ev = json.loads((root / "metrics" / "evaluate.json").read_text())
     assert {"C2M3 uniform", "C2M3 uniform + repair", "C2M3 + gates", "C2M3 + gates + repair", "MergeMany",
-            "MergeMany + repair", "naive"} <= set(ev["methods"])
+            "MergeMany + repair", "naive average", "naive average + repair"} <= set(ev["methods"])
     for block in (ev["ensemble"], ev["merged"], *ev["endpoints"].values()):
         assert 0.0 <= block["test_acc"] <= 1.0 and block["test_loss"] > 0
     align = json.loads((root / "metrics" / "align.json").read_text())

@@ -59,7 +59,7 @@ def artifact_files(root: Path) -> list[str]:
     ("align.method=magic", "align.method: Input should be 'c2m3', 'merge_many', 'pairwise' or 'naive' (got 'magic')"),
     ("data.name=imagenet", "data.name: Input should be 'fashion_mnist', 'mnist', 'emnist', 'cifar10', 'cifar100' "
                            "or 'synthetic' (got 'imagenet')"),
-    ("model.arch=vit", "model.arch: Input should be 'mlp', 'resnet20' or 'vgg16' (got 'vit')"),
+    ("model.arch=vit", "model.arch: Input should be 'mlp', 'resnet20', 'vgg16' or 'custom' (got 'vit')"),
     ("gates.lam", "override 'gates.lam': expected key=value"),
 ])
 def test_bad_params_exit_2_with_the_key_and_what_is_allowed(tmp_path, cli, override, message):

@@ -37,7 +37,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ["paper", "width", "resnet_cpu"])
+@pytest.mark.parametrize("name", ["paper", "width", "resnet_cpu", "selection"])
 def test_shipped_grids_load_and_expand_against_params_yaml(name):
     g = load_grid(REPO / "benchmarks" / "grids" / f"{name}.yaml")
     points = expand(g, BASE)
@@ -138,6 +138,22 @@ def test_tables_keep_other_points_replace_reruns_and_show_published_numbers(tmp_
     md = to_markdown(g, merged, {"x__N5": "needs a CUDA GPU"})
     assert "| other | fashion_mnist | MLP 512-512-512-256 | 5 | 90.00 | 92.00 | 80.00 | 86.00 | 85.00 | 88.00 |" in md
     assert "- x__N5: needs a CUDA GPU" in md and "| CIFAR10 | VGG16 | c2m3+repair | 62 |" in md
+
+
+def test_rows_and_tables_carry_validation_when_the_points_have_a_validation_split():
+    g = grid(num_models=[2])
+    point = expand(g, BASE)[0]
+    ev = fake_evaluation()
+    for name, scores in ev["methods"].items():
+        scores["validation_acc"], scores["validation_loss"] = scores["test_acc"] - 0.01, 0.5
+    rows = point_rows(g, point, ev, {"objective": 12.0, "seconds": 3.0})
+    by = {r["method"]: r for r in rows}
+    assert by["c2m3+repair"]["validation_acc"] == pytest.approx(0.87)
+    assert by["c2m3"]["endpoints_validation_acc"] == pytest.approx(0.89)
+    md = to_markdown(g, rows)
+    assert "Validation accuracy (%)" in md and f"| {point.id} | 89.00 | 91.00 | 79.00 | 85.00 | 84.00 | 87.00 |" in md
+    plain = to_markdown(g, point_rows(g, point, fake_evaluation(), {"objective": 12.0, "seconds": 3.0}))
+    assert "Validation accuracy" not in plain
 
 
 @pytest.mark.slow

@@ -604,3 +604,25 @@ def test_polish_keeps_only_steps_that_gain_more_than_tol(trained):
     assert report.objective_after == pytest.approx(value, rel=1e-12)
     _, capped = polish_weights(sds, spec, plain.perms, tol=0.0, max_sweeps=1, anchor=0)
     assert capped.sweeps == 1
+
+
+def test_the_restart_score_is_judged_on_the_validation_split_when_there_is_one():
+    from cyclemerge.averaging import average
+    from cyclemerge.config import Config
+    from cyclemerge.evaluate import accuracy_and_loss, load_into
+    from cyclemerge.stages.align import calibration_scorer
+
+    _, sds, spec, _ = planted("mlp", n_models=3, seed=4)
+    model = make("mlp", 0)
+    g = torch.Generator().manual_seed(3)
+    shape = (64, ARCHS["mlp"][1], ARCHS["mlp"][2], ARCHS["mlp"][2])
+    calib = (torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(0, 5, (64,), generator=g))
+    val = (3 * torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(0, 5, (64,), generator=g))
+    config = Config.model_validate({"repair": {"method": "none"}})
+    perms = matching.match(state_dicts=sds, spec=spec, config=AlignConfig()).perms
+    merged = load_into(model, average([apply_perms(sd, spec, p) for sd, p in zip(sds, perms)]))
+    on_val = accuracy_and_loss(merged, *val, batch_size=500)["loss"]
+    on_calib = accuracy_and_loss(merged, *calib, batch_size=500)["loss"]
+    assert on_val != pytest.approx(on_calib)
+    assert calibration_scorer(model, sds, [None] * 3, spec, *calib, config, val)(perms) == pytest.approx(on_val)
+    assert calibration_scorer(model, sds, [None] * 3, spec, *calib, config)(perms) == pytest.approx(on_calib)

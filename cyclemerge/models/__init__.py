@@ -17,6 +17,7 @@ from torch import nn
 
 from cyclemerge.config import ModelConfig
 from cyclemerge.models.custom import build_custom
+from cyclemerge.models.graph_spec import spec_of
 from cyclemerge.models.layers import ChannelAffine, LayerNorm2d
 from cyclemerge.models.mlp import MLP
 from cyclemerge.models.resnet import ResNet20
@@ -32,6 +33,7 @@ __all__ = [
     "ResNet20",
     "VGG16",
     "build_model",
+    "spec_of",
 ]
 
 

@@ -18,7 +18,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import nn
 
-from cyclemerge.permutation import PermSpec
+from cyclemerge.permutation import PermSpec, StateDict, group_sizes
 from cyclemerge.spec.derived import DerivedSpec
 
 _CACHE: dict[tuple, DerivedSpec] = {}
@@ -130,3 +130,31 @@ class GraphSpec:
 
     def stat_points(self) -> dict[str, str]:
         return dict(self.derived_spec().stat_points)
+
+
+def plain_spec(spec: PermSpec, state_dict: StateDict, *, stat_points: dict[str, str] | None = None,
+               layer_parts: dict[str, list[str]] | None = None) -> DerivedSpec:
+    """A hand-written PermSpec as a DerivedSpec (no blocks); keys it does not list are fixed."""
+    axes = {}
+    # the spec's own key order first: the matchers visit groups in the order they first appear
+    for key in [*(k for k in spec if k in state_dict), *(k for k in state_dict if k not in spec)]:
+        tensor = state_dict[key]
+        groups = spec.get(key, (None,) * tensor.dim())
+        axes[key] = tuple(((g, n, 1),) for g, n in zip(groups, tensor.shape))
+    return DerivedSpec(groups=group_sizes(spec, state_dict), axes=axes,
+                       shapes={k: tuple(t.shape) for k, t in state_dict.items()},
+                       stat_points=dict(stat_points or {}), layer_parts={k: list(v) for k, v in (layer_parts or {}).items()})
+
+
+def spec_of(model: nn.Module) -> DerivedSpec:
+    """The model's derived spec (``model.derived_spec()``, every model of ``build_model``), or one made
+    from a model that only writes ``perm_spec()`` by hand."""
+    derived = getattr(model, "derived_spec", None)
+    if callable(derived):
+        return derived()
+    if not hasattr(model, "perm_spec"):
+        raise TypeError(f"{type(model).__name__} has neither derived_spec() nor perm_spec(); build it with "
+                        "cyclemerge.models.build_model or derive one with cyclemerge.spec.derive_spec(...).attach")
+    points = model.stat_points() if hasattr(model, "stat_points") else None
+    parts = model.layer_parts() if hasattr(model, "layer_parts") else None
+    return plain_spec(model.perm_spec(), model.state_dict(), stat_points=points, layer_parts=parts)

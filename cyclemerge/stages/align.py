@@ -14,13 +14,14 @@ from torch import nn
 
 from cyclemerge import matching
 from cyclemerge.activations import Stats
-from cyclemerge.averaging import to_universe_all
 from cyclemerge.config import Config
 from cyclemerge.evaluate import accuracy_and_loss, load_into
-from cyclemerge.permutation import PermSpec, StateDict
-from cyclemerge.prefilter import ScreenReport, map_into_universe, screen_models
+from cyclemerge.permutation import StateDict
+from cyclemerge.prefilter import ScreenReport, screen_models
 from cyclemerge.results import Alignment
+from cyclemerge.spec import DerivedSpec
 from cyclemerge.stages.repair import merge_and_repair
+from cyclemerge.universe import alignment_objective, map_into_universe, match_models, spec_of, to_universe_all
 
 log = logging.getLogger("cyclemerge.align")
 
@@ -62,13 +63,20 @@ def screen(state_dicts: Sequence[StateDict], config: Config, *, quiet: bool = Fa
 
 
 def calibration_scorer(model: nn.Module, state_dicts: Sequence[StateDict], stats: Sequence[dict[str, Stats]],
-                       spec: PermSpec, x: torch.Tensor, y: torch.Tensor, config: Config) -> Callable:
-    """Score for ``align.select_by: calibration_loss``: calibration CE of the merged (and repaired) model."""
+                       spec: DerivedSpec, x: torch.Tensor, y: torch.Tensor, config: Config,
+                       validation: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable:
+    """Score for ``align.select_by: calibration_loss``: CE of the merged (and repaired) model.
+
+    REPAIR always measures on the calibration slice ``x``; the loss is judged on ``validation`` when
+    the data has that split, because a start chosen by the same images REPAIR fitted is chosen by
+    data that flatters it.
+    """
+    vx, vy = validation if validation is not None else (x, y)
 
     def score(perms) -> float:
         _, repaired = merge_and_repair(model, to_universe_all(state_dicts, spec, perms), method=config.repair.method,
                                        x=x, batch_size=config.repair.batch_size, endpoint_stats=stats, perms=perms)
-        return accuracy_and_loss(load_into(model, repaired), x, y, batch_size=config.repair.batch_size)["loss"]
+        return accuracy_and_loss(load_into(model, repaired), vx, vy, batch_size=config.repair.batch_size)["loss"]
 
     return score
 
@@ -82,15 +90,17 @@ def align(state_dicts: Sequence[StateDict], model: nn.Module, config: Config, *,
           correlations: dict[str, torch.Tensor] | None = None,
           endpoint_stats: Sequence[dict[str, Stats]] | None = None,
           calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+          validation: tuple[torch.Tensor, torch.Tensor] | None = None,
           progress: Callable[[int, float], None] | None = None) -> Alignment:
     """Map ``state_dicts`` (one architecture, that of ``model``) into one universe with ``config.align``.
 
     ``correlations`` (every input model's, ``align.cost: activations``) and, for restarts selected by
     calibration loss, ``endpoint_stats`` (every input model's) and ``calibration`` (``x, y``, at least
-    ``repair.num_samples`` of them) are needed only by those settings.
+    ``repair.num_samples`` of them) are needed only by those settings; ``validation`` (``x, y``), when
+    given, is where restarts are scored instead of the calibration slice.
     """
     sds = list(state_dicts)
-    spec = model.perm_spec()
+    spec = spec_of(model)  # matched on its views, mapped with its blocks: cyclemerge.universe
     verdict = screen(sds, config)
     aligned = list(verdict.aligned)
     clean = [sds[i] for i in aligned]
@@ -109,10 +119,10 @@ def align(state_dicts: Sequence[StateDict], model: nn.Module, config: Config, *,
         x, y = (t[:config.repair.num_samples] for t in calibration)
         # a copy to load candidates into: the caller's model keeps its weights
         score = calibration_scorer(copy.deepcopy(model), clean,
-                                   [endpoint_stats[i] for i in aligned], spec, x, y, config)
+                                   [endpoint_stats[i] for i in aligned], spec, x, y, config, validation)
 
-    result = matching.match(state_dicts=clean, spec=spec, config=config.align, correlations=selected,
-                            progress=progress, score=score)
+    result = match_models(state_dicts=clean, spec=spec, config=config.align, correlations=selected,
+                          progress=progress, score=score)
     universe = to_universe_all(clean, spec, result.perms)
     perms = list(result.perms)
     for j in verdict.gate_off:
@@ -123,7 +133,7 @@ def align(state_dicts: Sequence[StateDict], model: nn.Module, config: Config, *,
     return Alignment(
         method=config.align.method, indices=verdict.kept, gate_off=list(verdict.gate_off),
         dropped=list(verdict.dropped), perms=perms, universe=universe, report=result.report.summary(),
-        objective=matching.objective(clean, spec, result.perms),
+        objective=alignment_objective(clean, spec, result.perms),
         cycle_error=matching.cycle_error(matching.pairwise_maps(result), n),
         cosine_before=matching.cosine_similarity(clean), cosine_after=matching.cosine_similarity(universe[:n]),
         prefilter=dict(verdict.report.reasons))

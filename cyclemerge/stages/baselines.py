@@ -13,14 +13,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cyclemerge import matching
 from cyclemerge.activations import Stats
-from cyclemerge.averaging import to_universe_all
 from cyclemerge.config import MATCHERS, Config
 from cyclemerge.permutation import StateDict
 from cyclemerge.results import Baseline, Baselines
 from cyclemerge.stages.align import screen
 from cyclemerge.stages.repair import merge_and_repair
+from cyclemerge.universe import alignment_objective, match_models, match_pair_models, spec_of, to_universe_all
 
 
 
@@ -45,24 +44,24 @@ def baselines(state_dicts: Sequence[StateDict], model: nn.Module, config: Config
     sds = [state_dicts[i] for i in kept]
     stats = None if endpoint_stats is None else [endpoint_stats[i] for i in kept]
     x = x[:config.repair.num_samples]
-    spec = model.perm_spec()
+    spec = spec_of(model)
     out: dict[str, Baseline] = {}
     for method in baseline_methods(config):
         start = time.perf_counter()
-        result = matching.match(state_dicts=list(sds), spec=spec,
-                                config=config.align.model_copy(update={"method": method, "restarts": 1}))
+        result = match_models(state_dicts=list(sds), spec=spec,
+                              config=config.align.model_copy(update={"method": method, "restarts": 1}))
         seconds = time.perf_counter() - start
         universe = to_universe_all(sds, spec, result.perms)
         merged, repaired = merge_and_repair(model, universe, method=config.repair.method, x=x,
                                             batch_size=config.repair.batch_size, endpoint_stats=stats, perms=result.perms)
         out[method] = Baseline(method=method, perms=result.perms, merged=merged,
                                repaired=None if config.repair.method == "none" else repaired,
-                               objective=matching.objective(sds, spec, result.perms), seconds=seconds,
+                               objective=alignment_objective(sds, spec, result.perms), seconds=seconds,
                                report=result.report.summary())
     cycle = None
     if wants_cycle_maps(config, len(sds)):
         def pair(a: int, b: int):
-            return matching.match_pair(sds[a], sds[b], spec, seed=config.align.seed, max_iter=config.align.max_iter)
+            return match_pair_models(sds[a], sds[b], spec, seed=config.align.seed, max_iter=config.align.max_iter)
 
         cycle = (pair(0, 1), pair(1, 2), pair(2, 0))
     return Baselines(indices=kept, methods=out, cycle_maps=cycle)

@@ -20,6 +20,7 @@ from cyclemerge.activations import Stats
 from cyclemerge.averaging import average
 from cyclemerge.config import Config
 from cyclemerge.data import DataBundle
+from cyclemerge.models import spec_of
 from cyclemerge.permutation import StateDict, pairwise_map
 from cyclemerge.report import params_from_config
 from cyclemerge.results import METHOD_LABELS, Alignment, Baselines, Gates
@@ -90,7 +91,7 @@ def evaluate(model: nn.Module, state_dicts: Sequence[StateDict], seeds: Sequence
     if list(baselines.indices) != list(alignment.indices):
         raise ValueError(f"the baselines were computed on models {baselines.indices} but the alignment holds "
                          f"{alignment.indices}: rerun the baselines stage")
-    spec = model.perm_spec()
+    spec = spec_of(model)
     bs = config.evaluate.batch_size
     rcfg = config.repair
     splits = evaluation_splits(data, config)
