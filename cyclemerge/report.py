@@ -80,6 +80,8 @@ def params_from_config(cfg: Config) -> dict[str, object]:
     """The params that decide what a run means, in the order a reader wants them."""
     arch = cfg.model.arch
     shape = f"hidden {cfg.model.hidden}" if arch == "mlp" else f"width ×{cfg.model.width}, {cfg.model.norm}"
+    if arch == "custom":
+        shape = f"factory {cfg.model.factory}, kwargs {cfg.model.kwargs}"
     models = len(cfg.train.checkpoints) if cfg.train.checkpoints else cfg.train.num_models
     source = "user checkpoints" if cfg.train.checkpoints else f"seeds {cfg.train.model_seeds()}"
     gates = f"on, {cfg.gates.granularity} granularity, λ = {cfg.gates.lam:g}" if cfg.gates.enabled else "off"

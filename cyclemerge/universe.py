@@ -1,8 +1,8 @@
 """The one way from a model's state dicts to the matching methods and into the universe.
 
-A model's spec is a :class:`~cyclemerge.spec.DerivedSpec` (``spec_of``, from cyclemerge.models). When it has block-structured
-tensors (``composite_keys``: the input channels of a conv after ``torch.cat``, a Linear after a
-flatten of C x H x W), its ``perm_spec`` describes *views* of the state dicts, where each block is a
+A model's spec is a :class:`~cyclemerge.spec.DerivedSpec` (``cyclemerge.models.spec_of``). When it
+has block-structured tensors (``composite_keys``: the input channels of a conv after ``torch.cat``, a
+Linear after a flatten of C x H x W), its ``perm_spec`` describes *views* of the state dicts, where each block is a
 tensor of its own; the matching methods run on those views, and permutations are applied to the real
 state dicts with ``DerivedSpec.apply``. For every other model (all built-ins) the view is the state
 dict itself and both paths are exactly ``apply_perms`` with ``model.perm_spec()``.

@@ -287,3 +287,11 @@ def test_dvc_repro_merges_user_cnns_from_a_factory(tmp_path):
     params = {k: v for r in runs for k, v in r.data.params.items()}
     assert params["model.factory"] == USER_CNN and params["model.kwargs.width"] == "4"
     assert params["spec.groups.block1.narrow"] == "2" and params["spec.num_groups"] == "6"
+
+
+def test_the_run_summary_names_the_factory_not_builtin_widths():
+    from cyclemerge.config import Config
+    from cyclemerge.report import params_from_config
+
+    cfg = Config(model=custom(kwargs={"width": 16}))
+    assert params_from_config(cfg)["architecture"] == f"custom (factory {USER_CNN}, kwargs {{'width': 16}})"
