@@ -50,6 +50,7 @@ from cyclemerge.activations import channel_stats, permute_stats  # noqa: E402
 from cyclemerge.averaging import average, to_universe_all  # noqa: E402
 from cyclemerge.config import AlignConfig, DataConfig, ModelConfig, SyntheticConfig, TrainConfig  # noqa: E402
 from cyclemerge.data import load_data  # noqa: E402
+from cyclemerge.io import load_torch  # noqa: E402
 from cyclemerge.repair import goal_statistics, repair  # noqa: E402
 from cyclemerge.train import model_for, train_model  # noqa: E402
 from train_throughput import loop_throughput, machine_lines  # noqa: E402
@@ -100,7 +101,7 @@ def seed_models(data, model_cfg: ModelConfig, n: int, smoke: bool) -> tuple[list
     folder = REPO / "artifacts" / "models"
     files = sorted(folder.glob("model_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:n]
     if not smoke and len(files) == n:
-        ckpts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+        ckpts = [load_torch(f) for f in files]
         if all(c.get("model", {}).get("arch") == model_cfg.arch for c in ckpts):
             return [c["state_dict"] for c in ckpts], f"{n} trained models from {folder}"
     cfg = TrainConfig(epochs=1, device="cpu")
