@@ -29,6 +29,16 @@ TINY_PARAMS = {
 }
 
 
+class RunsShell:
+    """What a hostile checkpoint hides: unpickling calls os.system, which creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def deep_update(base: dict, new: dict) -> dict:
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):

@@ -31,6 +31,7 @@ from cyclemerge.io import CheckpointError
 from cyclemerge.models import build_model
 from cyclemerge.prefilter import screen_models
 from cyclemerge.train import CHECKPOINT_FORMAT, import_checkpoints, model_for
+from tests.conftest import RunsShell
 
 FAST = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -151,14 +152,6 @@ def data(tmp_path_factory):
     cfg = DataConfig(name="synthetic", calibration_size=20,
                      synthetic=SyntheticConfig(num_train=60, num_test=20, num_classes=3, image_size=4))
     return load_data(cfg, project_dir=tmp_path_factory.mktemp("d"))
-
-
-class RunsShell:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 STATE_EDITS = ["none", "drop", "extra", "rename", "shape", "dtype", "nonfinite", "non_tensor", "int_key", "empty",

@@ -19,7 +19,7 @@ from cyclemerge.io import (SAFE_FORMATS, CheckpointError, load_torch, read_check
                            save_safetensors, save_torch)
 from cyclemerge.models import build_model
 from cyclemerge.train import import_checkpoints, make_checkpoint, model_for
-from tests.conftest import REPO, make_project
+from tests.conftest import REPO, RunsShell, make_project
 
 MODEL = ModelConfig(arch="mlp", hidden=[16, 16])
 
@@ -30,16 +30,6 @@ def data(tmp_path_factory):
     cfg = DataConfig(name="synthetic", calibration_size=100,
                      synthetic=SyntheticConfig(num_train=300, num_test=100, num_classes=4, image_size=8))
     return load_data(cfg, project_dir=tmp_path_factory.mktemp("d"))
-
-
-class RunsShell:
-    """What a hostile checkpoint hides: unpickling calls os.system, which creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def good_state_dict(data, seed: int = 0) -> dict:
