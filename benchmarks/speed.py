@@ -61,7 +61,7 @@ MODES = {  # loop samples (MLP, ResNet), repeats, seed models, calibration, ResN
     "quick": {"mlp_samples": 5120, "resnet_samples": 512, "repeats": 2, "models": 3, "calib": 2000, "resnet_images": 200},
     "smoke": {"mlp_samples": 512, "resnet_samples": 0, "repeats": 1, "models": 3, "calib": 200, "resnet_images": 0},
 }
-TINY = {"data": {"name": "synthetic", "calibration_size": 120,
+TINY = {"data": {"name": "synthetic", "calibration_size": 120, "validation_size": 0,
                  "synthetic": {"num_train": 600, "num_test": 200, "num_classes": 4, "channels": 1, "image_size": 8}},
         "model": {"hidden": [24, 24]}, "train": {"num_models": 3, "epochs": 3, "batch_size": 64, "lr": 0.01},
         "activations": {"num_samples": 120, "batch_size": 60}, "align": {"max_iter": 30},
@@ -95,6 +95,31 @@ def training_rows(data, mode: dict, smoke: bool) -> list[dict]:
                         r["samples"] / r["plain"], f"{r['project']:,.0f} vs {r['plain']:,.0f} samples/s, "
                         f"batch {TrainConfig().batch_size}, {r['samples']} samples, best of {mode['repeats']}"))
     return rows
+
+
+def side_by_side_row(data, model_cfg: ModelConfig, samples: int) -> dict:
+    """Two seed models trained side by side with one thread each (what the train stage's thread runner
+    does) against one after the other with every thread, same models and data."""
+    from dataclasses import replace
+
+    small = replace(data, train_idx=data.train_idx[:samples])
+    cfg = TrainConfig(epochs=1, device="cpu")
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    for seed in (1, 2):
+        train_model(model_cfg, cfg, small, seed=seed)
+    sequential = time.perf_counter() - start
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(lambda seed: train_model(model_cfg, cfg, small, seed=seed), (1, 2)))
+        side_by_side = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return row("seed training, 2 models side by side", side_by_side, f"one after another, {threads} threads each",
+               sequential, f"{samples} samples each, 1 epoch, {max(1, threads // 2)} thread(s) each side by side; "
+               "ratio < 1: side by side is faster")
 
 
 def seed_models(data, model_cfg: ModelConfig, n: int, smoke: bool) -> tuple[list[dict], str]:
@@ -153,6 +178,41 @@ class LapFloor:
         self.c2m3.lap_maximize, self.c2m3._lmo = self._lap, self._lmo
 
 
+class PhaseClock:
+    """Seconds C2M3 spends in each phase of its Frank-Wolfe iteration (gradient products, LAPs,
+    exact line search, step), by timing the weight objective's methods and the LMO in place."""
+
+    PHASES = {"gradient": "gradient", "line search": "line", "step": "step", "reset": "reset"}
+
+    def __init__(self) -> None:
+        from cyclemerge.matching import c2m3, objectives
+
+        self.c2m3, self.cls = c2m3, objectives.WeightObjective
+        self.seconds = dict.fromkeys([*self.PHASES, "LAPs (LMO)"], 0.0)
+        self._saved = {name: getattr(self.cls, name) for name in self.PHASES.values()}
+        self._lmo = c2m3._lmo
+
+    def _timed(self, phase: str, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - start
+        return run
+
+    def __enter__(self) -> "PhaseClock":
+        for phase, name in self.PHASES.items():
+            setattr(self.cls, name, self._timed(phase, self._saved[name]))
+        self.c2m3._lmo = self._timed("LAPs (LMO)", self._lmo)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(self.cls, name, fn)
+        self.c2m3._lmo = self._lmo
+
+
 def alignment_rows(sds: list[dict], spec, source: str) -> tuple[list[dict], list]:
     runs = {}
     for method in ("c2m3", "merge_many"):
@@ -162,13 +222,20 @@ def alignment_rows(sds: list[dict], spec, source: str) -> tuple[list[dict], list
     seconds, result = runs["c2m3"]
     with LapFloor() as floor:
         matching.match(state_dicts=sds, spec=spec, config=AlignConfig(method="c2m3"))
+    with PhaseClock() as phases:
+        matching.match(state_dicts=sds, spec=spec, config=AlignConfig(method="c2m3"))
     mm_seconds, mm = runs["merge_many"]
 
     def summary(r):
         return f"{r.report.iterations} iterations, objective {r.report.objective_history[-1]:.2f}"
 
+    split = ", ".join(f"{k} {v:.2f} s" for k, v in phases.seconds.items())
+    # Any Frank-Wolfe step needs the gradient as well as the LAPs: their sum is the floor of the method.
+    fw_floor = floor.seconds + phases.seconds["gradient"]
     return [row("C2M3", seconds, "its LAPs alone (same pool)", floor.seconds,
                 f"{floor.count} LAPs; {summary(result)}; {source}"),
+            row("C2M3 (phases)", seconds, "its LAPs alone + its gradient products", fw_floor,
+                f"one more run, timed by phase: {split}"),
             row("C2M3 vs MergeMany", seconds, "MergeMany, same models", mm_seconds,
                 f"C2M3 {summary(result)}; MergeMany {summary(mm)}")], result.perms
 
@@ -249,6 +316,43 @@ marks.update(first_entry=min(entries), last_exit=max(exits), returned=time.time(
 open(out, "w").write(json.dumps(marks))
 """
 
+# The stage server as `make run` starts it (flows/stage_server.py), with every stage task timed: each
+# forked stage appends a line per mark (its entry into flows.pipeline.main, each task's entry and exit).
+PROBE_SERVED = r"""
+import functools, importlib, json, os, sys, time
+out = sys.argv.pop(1)
+import flows.stage_server as server
+
+def mark(kind):
+    with open(out, "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "kind": kind, "t": time.time()}) + "\n")
+
+def probed_warm(uri, _warm=server._warm):
+    env = _warm(uri)
+    import flows.pipeline as fp
+    from prefect import Task
+    def main(argv, _main=fp.main):
+        mark("main")
+        return _main(argv)
+    fp.main = main
+    for stage in fp.STAGE_ORDER:
+        for obj in list(vars(importlib.import_module(f"tasks.{stage}")).values()):
+            if isinstance(obj, Task):
+                def timed(*a, _fn=obj.fn, **k):
+                    mark("entry")
+                    try:
+                        return _fn(*a, **k)
+                    finally:
+                        mark("exit")
+                obj.fn = functools.update_wrapper(timed, obj.fn)
+    return env
+
+server._warm = probed_warm
+code = server.main(sys.argv[1:])
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(code)
+"""
+
 
 def tiny_project(root: Path) -> dict:
     for name in ("cyclemerge", "tasks", "flows"):
@@ -277,8 +381,26 @@ def probe_stage(root: Path, env: dict, stage: str) -> dict:
             "after_last_line": end - m["last_exit"], "work": m["last_exit"] - m["first_entry"], "wall": end - start}
 
 
+def probe_served_stage(root: Path, env: dict, stage: str, marks: Path) -> dict:
+    """``python -m flows.stage X --force X`` (dvc.yaml's command) through the stage server: from the client's
+    start to the forked stage's first task, and from its last task to the client's exit."""
+    marks.write_text("")
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "flows.stage", stage, "--force", stage], cwd=root, env=env,
+                          capture_output=True, text=True)
+    end = time.time()
+    rows = [json.loads(line) for line in marks.read_text().splitlines()]
+    if done.returncode != 0 or "stage server" in done.stderr or not any(r["kind"] == "entry" for r in rows):
+        raise RuntimeError(f"stage probe {stage} through the stage server failed: {done.stderr[-2000:]}")
+    t = {kind: [r["t"] for r in rows if r["kind"] == kind] for kind in ("main", "entry", "exit")}
+    return {"stage": stage, "imports": min(t["main"]) - start, "before_first_line": min(t["entry"]) - start,
+            "after_last_line": end - max(t["exit"]), "work": max(t["exit"]) - min(t["entry"]), "wall": end - start}
+
+
 def overhead_section(stages: list[str]) -> dict:
-    from tasks.common import STAGE_ORDER
+    from flows.stage_server import serving
+    from tasks.common import STAGE_ORDER, Project
+    from tasks.tracking import resolve_uri
 
     with tempfile.TemporaryDirectory(prefix="cyclemerge-speed-") as tmp:
         root = Path(tmp)
@@ -303,14 +425,36 @@ def overhead_section(stages: list[str]) -> dict:
             noop.append(time.perf_counter() - start)
             if rc != 0:
                 raise RuntimeError("flows.uptodate found the freshly reproduced tiny project stale")
+        # The whole `make run` again, every stage forced, with and without the stage server.
+        rerun = {}
+        for label, extra in (("stage server", {}), ("a process per stage", {"CYCLEMERGE_STAGE_SERVER": "off"})):
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--run-dvc", "--force", "all"], cwd=root,
+                                  env={**env, **extra}, capture_output=True, text=True)
+            rerun[label] = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"tiny `--run-dvc --force all` ({label}) failed: {done.stderr[-3000:]}")
         probes = []
         with flows._env.shared_prefect_api() as url:
             shared = {**env, "PREFECT_API_URL": url, "CYCLEMERGE_LOCK_HELD": "1"}
-            for stage in (s for s in STAGE_ORDER if s in stages):
-                probes.append({**probe_stage(root, shared, stage), "api": "shared"})
+            marks = root / "probe_served.jsonl"
+            command = [sys.executable, "-c", PROBE_SERVED, str(marks)]
+            with serving(shared, root, resolve_uri(Project.load(root)), command=command) as served:
+                if not served:
+                    raise RuntimeError("the stage server did not start")
+                # In `make run` the server's imports overlap DVC's start; here one refused request waits them out.
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "flows.stage", "train", "--set", "no.such=1"], cwd=root,
+                               env={**shared, **served}, capture_output=True)
+                ready_s = time.perf_counter() - start
+                for stage in (s for s in STAGE_ORDER if s in stages):  # side by side: the load moves
+                    probes.append({**probe_stage(root, shared, stage), "api": "shared"})
+                    probes.append({**probe_served_stage(root, {**shared, **served}, stage, marks),
+                                   "api": "shared, stage server"})
         alone = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"CYCLEMERGE_LOCK_HELD": "1"}
         probes.append({**probe_stage(root, alone, "repair"), "api": "own ephemeral server"})
-    return {"tiny_run_dvc_seconds": repro_s, "noop_seconds": sorted(noop), "stages": probes}
+    return {"tiny_run_dvc_seconds": repro_s, "noop_seconds": sorted(noop), "stages": probes,
+            "tiny_run_dvc_force_all_seconds": rerun, "stage_server_ready_seconds": ready_s}
 
 
 def markdown(result: dict) -> str:
@@ -366,7 +510,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     if args.smoke:
-        data = load_data(DataConfig(name="synthetic", calibration_size=mode["calib"],
+        data = load_data(DataConfig(name="synthetic", calibration_size=mode["calib"], validation_size=0,
                                     synthetic=SyntheticConfig(num_train=1200, num_test=100, image_size=8)),
                          project_dir=tempfile.mkdtemp(prefix="cyclemerge-speed-"))
         mlp_cfg = ModelConfig(arch="mlp", hidden=[64, 64])
@@ -374,6 +518,7 @@ def main() -> None:
         data = load_data(DataConfig(calibration_size=mode["calib"]), project_dir=REPO)
         mlp_cfg = ModelConfig()
     rows = training_rows(data, mode, args.smoke)
+    rows.append(side_by_side_row(data, mlp_cfg, mode["mlp_samples"]))
     sds, source = seed_models(data, mlp_cfg, mode["models"], args.smoke)
     mlp = model_for(mlp_cfg, data)
     align_rows, perms = alignment_rows(sds, mlp.perm_spec(), source)

@@ -57,9 +57,9 @@ class DataConfig(Section):
     emnist_split: Literal["letters", "balanced", "digits", "mnist", "byclass", "bymerge"] = "letters"
     calibration_size: int = Field(5000, ge=1)
     calibration_disjoint: bool = True
-    # held-out slice of the TRAIN split for every selection by data (restarts, defaults); 0: none
-    # (the selection grid uses 5000); disjoint from the models' training data and the calibration slice
-    validation_size: int = Field(0, ge=0)
+    # held-out slice of the TRAIN split for every selection by data (restarts, recipe, defaults); 0: none;
+    # disjoint from the models' training data and from the calibration slice
+    validation_size: int = Field(5000, ge=0)
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
     seed: int = 0
@@ -111,7 +111,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     num_models: int = Field(5, ge=2)
     seeds: list[int] | None = None
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(6, ge=1)
     batch_size: int = Field(256, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
@@ -159,8 +159,8 @@ class AlignConfig(Section):
     reference: int = Field(0, ge=0)
     anchor: bool = True  # C2M3: hold model `reference` at the identity (false: the paper's symmetric FW)
     # C2M3: after rounding, block-coordinate ascent over (model, group) LAPs, each kept only when the
-    # objective rises; off until the selection grid (benchmarks/grids/selection.yaml) decides
-    polish: bool = False
+    # objective rises; on since the selection grid chose it on validation (benchmarks/results/selection.md)
+    polish: bool = True
     seed: int = 0
     device: Device = "auto"
     outlier_norm_ratio: float | None = Field(100.0, gt=1)
@@ -181,7 +181,7 @@ class GatesConfig(Section):
     log_alpha_init: float = 0.0
     log_alpha_clamp: float = Field(8.0, gt=0)
     init_off: float = Field(8.0, gt=0)
-    lam: float = Field(1e-2, ge=0)
+    lam: float = Field(0.1, ge=0)  # chosen on validation: benchmarks/results/selection.md
     penalty_weighting: Literal["count", "params"] = "count"
     # Adam moves log_alpha by about lr per step: 300 steps at 0.05 can carry a gate from 0 past the
     # closing point (-ln 11 = -2.4) and the clamp; at 0.01 a gate could barely close at all.

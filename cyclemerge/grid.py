@@ -124,7 +124,12 @@ def expand(grid: GridFile, base: dict, source: str = "grid") -> list[GridPoint]:
             axes = dict(zip(axis_keys, combo))
             for n in grid.num_models:
                 raw = json.loads(json.dumps(base))
-                for dotted, value in {**grid.set, **spec.set, **axes, **pipeline_settings(grid)}.items():
+                settings = {**grid.set, **spec.set, **axes}
+                derived = pipeline_settings(grid)
+                # Baselines a point asks for come on top of those the grid's methods need.
+                derived["evaluate.baselines"] = list(dict.fromkeys(
+                    derived["evaluate.baselines"] + list(settings.get("evaluate.baselines", []))))
+                for dotted, value in {**settings, **derived}.items():
                     set_override(raw, dotted, value)
                 set_override(raw, "train.num_models", n)
                 seeds = raw.get("train", {}).get("seeds")

@@ -1,7 +1,7 @@
 """The cyclemerge pipeline as Prefect flows, and the command line.
 
     python -m flows.pipeline                    # the whole DAG as one Prefect flow run
-    python -m flows.pipeline --stage gates      # one stage (what each dvc.yaml stage calls)
+    python -m flows.pipeline --stage gates      # one stage (what dvc.yaml's `python -m flows.stage gates` runs)
     python -m flows.pipeline --run-dvc          # `dvc repro` under one MLflow parent run, then a summary
     python -m flows.pipeline --set gates.lam=0.1 --force gates
 
@@ -99,9 +99,18 @@ def train_flow(project: Project, force: bool = False, parent_run_id: str | None 
     cfg = project.cfg
     started = time.perf_counter()
     orch = cfg.orchestration
+    threads = torch.get_num_threads()
     if orch.task_runner == "threads" and orch.max_workers > 1:
         # Seeds train side by side: one torch thread each beats two threads fighting over each core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // orch.max_workers))
+    try:
+        return _train(project, force, parent_run_id, started)
+    finally:
+        torch.set_num_threads(threads)  # the stages after it, in this process, get every core back
+
+
+def _train(project: Project, force: bool, parent_run_id: str | None, started: float) -> dict:
+    cfg = project.cfg
     with stage_run(project, "train", parent_run_id) as run:
         if cfg.train.checkpoints:
             key = t_train.checkpoint_files_key(project)
@@ -177,7 +186,8 @@ def pipeline(params: str = "params.yaml", overrides: list[str] | None = None, fo
     force = set(force or [])
     timings = {}
     with ProjectLock(project):  # first: a refused run must leave no trace, not even an MLflow run
-        parent = start_parent(project)
+        # A caller that made the run (a grid point run in its own process) passes it in the environment.
+        parent = os.environ.get(PARENT_ENV) or start_parent(project)
         status = "FAILED"
         try:
             for stage in STAGE_ORDER:
@@ -190,12 +200,15 @@ def pipeline(params: str = "params.yaml", overrides: list[str] | None = None, fo
 
 
 def run_dvc(project: Project, force: list[str]) -> int:
-    """`dvc repro` under one MLflow parent run, so its stage processes nest their runs under it, and on
-    one Prefect API, which they share instead of each starting a server of its own (flows/_env.py)."""
+    """`dvc repro` under one MLflow parent run, so its stage processes nest their runs under it, on
+    one Prefect API, which they share instead of each starting a server of its own (flows/_env.py),
+    and with one stage server, which has the stack imported for all of them (flows/stage_server.py)."""
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import ExitStack
 
+    from flows.stage_server import serving
     from flows.uptodate import up_to_date
+    from tasks.tracking import resolve_uri
 
     if not force and up_to_date(project.root):
         return 0  # nothing is stale: no server, no parent run (nothing ran), as `make run` does
@@ -212,6 +225,8 @@ def run_dvc(project: Project, force: list[str]) -> int:
         status = "FAILED"
         try:
             env["PREFECT_API_URL"] = api.result()
+            # Started now: Prefect reads its settings (the API's URL) once, when the server imports it.
+            env.update(stack.enter_context(serving(env, project.root, resolve_uri(project) if parent else None)))
             if not (project.root / ".dvc").exists():
                 subprocess.run([dvc, "init", "-q"], cwd=project.root, check=True, env=env)
             rc = 0
@@ -251,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a param, e.g. --set gates.lam=0.1 (repeatable)")
-    ap.add_argument("--stage", choices=STAGE_ORDER, help="run one stage only (what dvc.yaml calls)")
+    ap.add_argument("--stage", choices=STAGE_ORDER, help="run one stage only (what dvc.yaml runs, through flows.stage)")
     ap.add_argument("--force", action="append", default=[], metavar="STAGE",
                     help=f"recompute a stage even if cached: one of {', '.join(STAGE_ORDER)} or 'all' (repeatable)")
     ap.add_argument("--run-dvc", action="store_true", help="run `dvc repro` under one MLflow parent run")

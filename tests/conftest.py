@@ -16,7 +16,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
-    "data": {"name": "synthetic", "calibration_size": 120,
+    "data": {"name": "synthetic", "calibration_size": 120, "validation_size": 0,
              "synthetic": {"num_train": 600, "num_test": 200, "num_classes": 4, "channels": 1, "image_size": 8}},
     "model": {"arch": "mlp", "hidden": [24, 24]},
     "train": {"num_models": 3, "epochs": 3, "batch_size": 64, "lr": 0.01},

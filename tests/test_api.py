@@ -19,7 +19,7 @@ from cyclemerge.data import load_data
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = {"data": {"name": "synthetic", "calibration_size": 120,
+SMALL = {"data": {"name": "synthetic", "calibration_size": 120, "validation_size": 0,
                   "synthetic": {"num_train": 600, "num_test": 200, "num_classes": 4, "image_size": 8}},
          "model": {"hidden": [24, 24]}, "train": {"epochs": 3, "batch_size": 64, "lr": 0.01},
          "align": {"max_iter": 30}, "gates": {"steps": 15, "batch_size": 60}}

@@ -257,7 +257,7 @@ def test_dvc_repro_merges_user_cnns_from_a_factory(tmp_path):
              "evaluate": {"baselines": ["naive", "merge_many", "ensemble"], "cycle": False},
              "gates": {"steps": 5}}
     if FASHION.exists():
-        small |= {"data": {"name": "fashion_mnist", "root": str(tmp_path / "data"), "calibration_size": 200,
+        small |= {"data": {"name": "fashion_mnist", "root": str(tmp_path / "data"), "calibration_size": 200, "validation_size": 0,
                            "train_subset": 600, "test_subset": 300}}
     root = make_project(tmp_path / "proj", small)
     (root / "tests").symlink_to(Path(__file__).resolve().parent)  # the factory's package, as a user's would be

@@ -108,6 +108,7 @@ def no_system(monkeypatch, tmp_path):
 
 def cfg_for(name: str, root: Path, **kw) -> DataConfig:
     kw.setdefault("calibration_size", 4)
+    kw.setdefault("validation_size", 0)
     return DataConfig(name=name, root=str(root), download=kw.pop("download", False), **kw)
 
 
@@ -122,7 +123,7 @@ SMALL = SyntheticConfig(num_train=300, num_test=100, num_classes=5, channels=3, 
 
 
 def test_synthetic_shape_dtype_and_normalization():
-    b = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50))
+    b = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0))
     assert b.train_x.shape == (300, 3, 8, 8) and b.test_x.shape == (100, 3, 8, 8)
     assert b.train_x.dtype == torch.float32 and b.train_y.dtype == torch.int64
     assert (b.num_classes, b.in_channels, b.image_size) == (5, 3, 8)
@@ -132,12 +133,12 @@ def test_synthetic_shape_dtype_and_normalization():
 
 
 def test_synthetic_is_deterministic_and_test_split_ignores_num_train():
-    a = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50))
-    b = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50))
+    a = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0))
+    b = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0))
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert fingerprint(a) == fingerprint(b)
     bigger = load_data(DataConfig(name="synthetic", synthetic=SMALL.model_copy(update={"num_train": 400}),
-                                  calibration_size=50))
+                                  calibration_size=50, validation_size=0))
     assert torch.equal(bigger.test_y, a.test_y)
     # the test split is normalized with the train statistics, which moved a little
     assert torch.allclose(denormalize(bigger.test_x, bigger.mean, bigger.std), denormalize(a.test_x, a.mean, a.std),
@@ -145,7 +146,7 @@ def test_synthetic_is_deterministic_and_test_split_ignores_num_train():
 
 
 def test_synthetic_is_learnable_well_above_chance():
-    b = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50))
+    b = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0))
     means = torch.stack([b.train_x[b.train_y == k].mean(0) for k in range(5)]).flatten(1)
     predicted = torch.cdist(b.test_x.flatten(1), means).argmin(1)
     assert (predicted == b.test_y).float().mean() > 0.8  # chance is 0.2
@@ -154,7 +155,7 @@ def test_synthetic_is_learnable_well_above_chance():
 # ---------------------------------------------------------------- calibration slice and subsets
 
 def test_calibration_slice_is_deterministic_disjoint_and_from_train():
-    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, seed=3)
+    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0, seed=3)
     a, b = load_data(cfg), load_data(cfg)
     assert torch.equal(a.calib_idx, b.calib_idx) and torch.equal(a.train_idx, b.train_idx)
     assert len(a.calib_idx) == 50 and len(a.train_idx) == 250
@@ -170,7 +171,7 @@ def test_calibration_slice_is_deterministic_disjoint_and_from_train():
 
 
 def test_calibration_not_disjoint_trains_on_whole_split_and_subsets_cap():
-    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, calibration_disjoint=False)
+    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0, calibration_disjoint=False)
     train_idx, calib_idx = calibration_split(300, cfg)
     assert torch.equal(train_idx, torch.arange(300)) and len(calib_idx) == 50
     capped, calib2 = calibration_split(300, cfg.model_copy(update={"train_subset": 40}))
@@ -181,7 +182,7 @@ def test_calibration_not_disjoint_trains_on_whole_split_and_subsets_cap():
 
 
 def test_test_subset_is_fixed_and_independent_of_seed():
-    base = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, test_subset=30)
+    base = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0, test_subset=30)
     a = load_data(base)
     b = load_data(base.model_copy(update={"seed": 9}))
     assert len(a.test_x) == 30 and torch.equal(a.test_idx, b.test_idx)
@@ -192,7 +193,7 @@ def test_test_subset_is_fixed_and_independent_of_seed():
 
 @pytest.mark.parametrize("disjoint, limit", [(True, 299), (False, 300)])
 def test_calibration_larger_than_train_split_is_a_clear_error(disjoint, limit):
-    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=limit + 1, calibration_disjoint=disjoint)
+    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=limit + 1, validation_size=0, calibration_disjoint=disjoint)
     with pytest.raises(ConfigError) as err:
         load_data(cfg)
     msg = str(err.value)
@@ -253,7 +254,7 @@ def test_emnist_letters_are_transposed_and_shifted(tmp_path, no_system):
 def test_cifar_pickles_in_torchvision_layout(tmp_path, monkeypatch, no_system, name, folder, files, key, classes):
     written = make_cifar_dataset(tmp_path / folder, files, key, classes)
     register_md5(monkeypatch, name, tmp_path / folder)
-    b = load_data(cfg_for(name, tmp_path, calibration_size=2))
+    b = load_data(cfg_for(name, tmp_path, calibration_size=2, validation_size=0))
     train_names = [f for f in files if f not in ("test_batch", "test")]
     n_train = sum(files[f] for f in train_names)
     assert b.train_x.shape == (n_train, 3, 32, 32) and b.num_classes == classes and b.in_channels == 3
@@ -433,10 +434,10 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path):
     assert b.source == str(DEBIAN_FMNIST)
     assert abs(b.train_x.mean().item()) < 0.01 and abs(b.train_x.std().item() - 1) < 0.01
     assert torch.equal(b.train_y.bincount(), torch.full((10,), 6000))
-    assert len(b.calib_idx) == 5000 and len(b.train_idx) == 55000
-    assert not b.has_validation and len(b.validation_set()[0]) == 0
-    # The default run's data, as hashed before data.validation_size existed: its caches stay valid.
-    assert fingerprint(b) == "f8c0398d5b00a244"
+    assert len(b.calib_idx) == len(b.val_idx) == 5000 and len(b.train_idx) == 50000 and b.has_validation
+    assert not set(b.val_idx.tolist()) & (set(b.train_idx.tolist()) | set(b.calib_idx.tolist()))
+    # Without a validation slice the data are those hashed before data.validation_size existed.
+    assert fingerprint(load_data(DataConfig(root=str(tmp_path), download=False, validation_size=0))) == "f8c0398d5b00a244"
     held = load_data(DataConfig(root=str(tmp_path), download=False, validation_size=5000))
     assert len(held.val_idx) == 5000 and len(held.train_idx) == 50000 and torch.equal(held.calib_idx, b.calib_idx)
 
@@ -453,12 +454,11 @@ def digest(*idx: torch.Tensor) -> str:
 ])
 def test_slices_without_validation_are_those_from_before_it_existed(kw, expected):
     """Digests recorded with the code before data.validation_size: with 0 nothing moves."""
-    cfg = DataConfig(**kw)
-    assert cfg.validation_size == 0
+    cfg = DataConfig(**kw, validation_size=0)
     train_idx, calib_idx, val_idx = split_train(60000, cfg)
     assert digest(train_idx, calib_idx) == expected and len(val_idx) == 0
     assert digest(*calibration_split(60000, cfg)) == expected
-    bundle = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, seed=3))
+    bundle = load_data(DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0, seed=3))
     assert fingerprint(bundle) == "1d2fb7383c727666"
 
 
@@ -495,7 +495,7 @@ def test_validation_is_deterministic_and_keeps_the_other_slices_in_place():
 
 @pytest.mark.parametrize("disjoint, most", [(True, 249), (False, 250)])
 def test_validation_too_large_for_the_train_split_names_the_key(disjoint, most):
-    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, calibration_disjoint=disjoint)
+    cfg = DataConfig(name="synthetic", synthetic=SMALL, calibration_size=50, validation_size=0, calibration_disjoint=disjoint)
     split_train(300, cfg.model_copy(update={"validation_size": most}))
     with pytest.raises(ConfigError) as err:
         load_data(cfg.model_copy(update={"validation_size": most + 1}))

@@ -196,7 +196,7 @@ def test_a_corrupted_data_file_is_named_with_the_fix(tmp_path, cli, prefect_harn
 
 
 def test_a_calibration_slice_larger_than_the_train_split_exits_2(tmp_path, cli, prefect_harness):
-    root = make_project(tmp_path / "proj", {"data": {"calibration_size": 1000}, "tracking": {"enabled": False}})
+    root = make_project(tmp_path / "proj", {"data": {"calibration_size": 1000, "validation_size": 0}, "tracking": {"enabled": False}})
     code, _, err = cli(root, "--stage", "train")
     assert code == 2
     assert "error: data.calibration_size is 1000 but the synthetic train split has 600 samples" in err

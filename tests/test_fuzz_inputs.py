@@ -149,7 +149,7 @@ def test_random_params_files_and_overrides_give_a_config_or_a_config_error(doc, 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     torch.set_num_threads(1)
-    cfg = DataConfig(name="synthetic", calibration_size=20,
+    cfg = DataConfig(name="synthetic", calibration_size=20, validation_size=0,
                      synthetic=SyntheticConfig(num_train=60, num_test=20, num_classes=3, image_size=4))
     return load_data(cfg, project_dir=tmp_path_factory.mktemp("d"))
 

@@ -542,7 +542,7 @@ def trained():
     """Honest models trained from ONE init on different data orders: one basin without alignment,
     standing in for the universe-aligned models the pipeline hands to gate learning."""
     torch.set_num_threads(1)
-    bundle = load_data(DataConfig(name="synthetic", calibration_size=800, synthetic=SYNTH))
+    bundle = load_data(DataConfig(name="synthetic", calibration_size=800, validation_size=0, synthetic=SYNTH))
     x, y = bundle.train_set()
     torch.manual_seed(0)
     template = MLP(64, [64, 64], 10)
@@ -561,7 +561,7 @@ def accuracy(template, sd, data) -> float:
     return (logits(template, sd, x).argmax(1) == y).double().mean().item()
 
 
-GATE_CFG = GatesConfig(lr=0.1, steps=120, batch_size=256)
+GATE_CFG = GatesConfig(lr=0.1, steps=120, batch_size=256, lam=0.01)  # the recipe these tests were written for
 
 
 @pytest.mark.parametrize("corruption", ["scale_1e3", "noise_100x_std"])

@@ -37,7 +37,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ["paper", "width", "resnet_cpu", "selection"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks" / "grids").glob("*.yaml")))
 def test_shipped_grids_load_and_expand_against_params_yaml(name):
     g = load_grid(REPO / "benchmarks" / "grids" / f"{name}.yaml")
     points = expand(g, BASE)
@@ -91,7 +91,7 @@ def test_the_model_cache_key_is_the_training_recipe_not_n_paths_or_device():
     same = Config.model_validate({"train": {"num_models": 3, "device": "cpu", "checkpoints": ["x.pt", "y.pt"]},
                                   "data": {"root": "/elsewhere", "download": False}, "gates": {"lam": 9.0}})
     assert recipe_key(a) == recipe_key(same)
-    for changed in ({"train": {"lr": 0.002}}, {"model": {"hidden": [64]}}, {"data": {"calibration_size": 10}},
+    for changed in ({"train": {"lr": 0.002}}, {"model": {"hidden": [64]}}, {"data": {"calibration_size": 10, "validation_size": 0}},
                     {"data": {"name": "mnist"}}):
         assert recipe_key(Config.model_validate(changed)) != recipe_key(a), changed
     p1, p2 = model_cache_path(Path("c"), a, 1), model_cache_path(Path("c"), same, 2)
@@ -200,3 +200,36 @@ def test_grid_flow_shares_seed_models_across_n_tracks_each_point_and_reruns_from
     assert len(read_csv(root / "benchmarks" / "results" / "grid_tiny.csv")) == len(table)
     with pytest.raises(GridError, match="no point matches"):
         grid_flow(str(grid_file), params="params.yaml", project_dir=str(root), only=["nothing*"])
+
+
+@pytest.mark.parametrize("orchestration, runner, workers", [
+    ({"task_runner": "threads", "max_workers": 2}, "ThreadPoolTaskRunner", 2),
+    ({"task_runner": "sequential"}, "ThreadPoolTaskRunner", 1),
+    ({"task_runner": "dask", "dask_workers": 2}, "DaskTaskRunner", None),
+])
+def test_run_grid_runs_points_on_the_configured_task_runner(tmp_path, monkeypatch, orchestration, runner, workers):
+    import flows.grid as fg
+
+    root = make_project(tmp_path / "proj", {"orchestration": orchestration})
+    grid_file = write(tmp_path, yaml.safe_dump({"name": "tiny", "methods": ["c2m3"], "num_models": [2],
+                                                "points": [{"name": "mlp"}]}))
+    seen = {}
+
+    class Flow:
+        def with_options(self, task_runner):
+            seen["runner"] = task_runner
+            return lambda *a, **k: ["ran"]
+
+    monkeypatch.setattr(fg, "grid_flow", Flow())
+    assert fg.run_grid(str(grid_file), project_dir=str(root)) == ["ran"]
+    assert type(seen["runner"]).__name__ == runner
+    if workers:
+        assert seen["runner"]._max_workers == workers
+
+
+def test_a_point_can_ask_for_baselines_on_top_of_those_the_methods_need():
+    g = GridFile.model_validate({"name": "g", "methods": ["c2m3", "pairwise"], "num_models": [2],
+                                 "points": [{"name": "plain"},
+                                            {"name": "more", "set": {"evaluate.baselines": ["merge_many"]}}]})
+    by = {p.name: p.cfg.evaluate.baselines for p in expand(g, BASE)}
+    assert by == {"plain": ["pairwise", "ensemble"], "more": ["pairwise", "ensemble", "merge_many"]}

@@ -530,7 +530,7 @@ def test_polish_restores_a_disturbed_planted_solution_and_keeps_the_anchor(arch)
 def test_polish_never_lowers_the_frank_wolfe_objective_on_random_models(arch):
     sds, spec, _, _ = random_state(arch, 3, seed=2)
     for init in ("identity", "barycenter"):
-        plain = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(init=init, max_iter=10))
+        plain = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(init=init, max_iter=10, polish=False))
         polished = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(init=init, max_iter=10, polish=True))
         report = polished.report.extra["polish"]
         assert report["objective_before"] == pytest.approx(plain.report.extra["objective"], rel=1e-12)
@@ -546,10 +546,10 @@ def test_polish_never_lowers_the_frank_wolfe_objective_on_random_models(arch):
 
 def test_polish_after_frank_wolfe_on_trained_models_reaches_a_block_optimum(trained):
     sds, spec = trained
-    plain = matching.match(state_dicts=sds, spec=spec, config=AlignConfig())
-    polished = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(polish=True))
+    plain = matching.match(state_dicts=sds, spec=spec, config=AlignConfig(polish=False))
+    polished = matching.match(state_dicts=sds, spec=spec, config=AlignConfig())
     assert polished.report.extra["objective"] >= plain.report.extra["objective"]
-    assert "polish" not in plain.report.extra  # off by default: the default run is unchanged
+    assert "polish" in polished.report.extra and "polish" not in plain.report.extra  # on by default
     # At the end no (model, group) LAP against the others gains: a second polish keeps nothing.
     _, again = polish_weights(sds, spec, polished.perms, tol=1e-6, max_sweeps=5, anchor=0)
     assert again.steps_kept == 0 and again.sweeps == 1
@@ -560,7 +560,7 @@ def test_polish_after_frank_wolfe_on_trained_models_reaches_a_block_optimum(trai
 
 def test_polish_runs_on_every_restart_before_selection(trained):
     sds, spec = trained
-    config = AlignConfig(restarts=3, max_iter=5)
+    config = AlignConfig(restarts=3, max_iter=5, polish=False)
     plain = matching.match(state_dicts=sds, spec=spec, config=config)
     polished = matching.match(state_dicts=sds, spec=spec, config=config.model_copy(update={"polish": True}))
     before, after = plain.report.extra["starts"], polished.report.extra["starts"]
@@ -584,7 +584,7 @@ def test_activation_polish_restores_planted_units_and_never_lowers_the_objective
     sds, spec = [model.state_dict()] * 3, model.perm_spec()
     noisy, _ = planted_correlations(group_sizes(spec, sds[0]), 3, seed=8, noise=1.0)
     plain = matching.match(state_dicts=sds, spec=spec, correlations=noisy,
-                           config=AlignConfig(cost="activations", max_iter=3))
+                           config=AlignConfig(cost="activations", max_iter=3, polish=False))
     polished = matching.match(state_dicts=sds, spec=spec, correlations=noisy,
                               config=AlignConfig(cost="activations", max_iter=3, polish=True))
     assert polished.report.extra["objective"] >= plain.report.extra["objective"]

@@ -98,7 +98,7 @@ def _run(cmd, cwd, **env):
 def test_dvc_repro_runs_everything_then_nothing_then_only_what_a_gates_change_touches(tmp_path):
     small = {"evaluate": {"baselines": ["naive"], "cycle": False}, "gates": {"steps": 5}}
     if FASHION.exists():  # a slice of the real default dataset, else synthetic data
-        small |= {"data": {"name": "fashion_mnist", "root": str(tmp_path / "data"), "calibration_size": 200,
+        small |= {"data": {"name": "fashion_mnist", "root": str(tmp_path / "data"), "calibration_size": 200, "validation_size": 0,
                            "train_subset": 600, "test_subset": 300}, "model": {"hidden": [32, 32]}}
     root = make_project(tmp_path / "proj", small)
     env = {"OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

@@ -27,7 +27,7 @@ MODEL = ModelConfig(arch="mlp", hidden=[16, 16])
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     torch.set_num_threads(1)
-    cfg = DataConfig(name="synthetic", calibration_size=100,
+    cfg = DataConfig(name="synthetic", calibration_size=100, validation_size=0,
                      synthetic=SyntheticConfig(num_train=300, num_test=100, num_classes=4, image_size=8))
     return load_data(cfg, project_dir=tmp_path_factory.mktemp("d"))
 

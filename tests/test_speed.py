@@ -89,7 +89,7 @@ def plain_reference(model_cfg: ModelConfig, cfg: TrainConfig, data, seed: int) -
 
 def test_the_project_loop_computes_what_the_plain_loop_computes(tmp_path):
     torch.set_num_threads(1)
-    data = load_data(DataConfig(name="synthetic", calibration_size=50,
+    data = load_data(DataConfig(name="synthetic", calibration_size=50, validation_size=0,
                                 synthetic=SyntheticConfig(num_train=330, num_test=50, num_classes=4, image_size=8)),
                      project_dir=tmp_path)
     model_cfg = ModelConfig(arch="mlp", hidden=[16, 16])
@@ -111,7 +111,8 @@ def test_speed_benchmark_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["load_average"]["before"]) == 3
     names = [row["what"] for row in result["rows"]]
-    for expected in ("training loop (MLP)", "REPAIR (MLP", "C2M3", "C2M3 vs MergeMany"):
+    for expected in ("training loop (MLP)", "seed training, 2 models side by side", "REPAIR (MLP", "C2M3",
+                     "C2M3 (phases)", "C2M3 vs MergeMany"):
         assert any(name.startswith(expected) for name in names), (expected, names)
     for row in result["rows"]:
         assert row["seconds"] > 0 and row["floor_seconds"] > 0 and row["ratio"] > 0, row

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -20,7 +21,6 @@ from cyclemerge.results import Baseline, Baselines
 from cyclemerge.stages.align import screen
 from cyclemerge.stages.repair import merge_and_repair
 from cyclemerge.universe import alignment_objective, match_models, match_pair_models, spec_of, to_universe_all
-
 
 
 def baseline_methods(config: Config) -> list[str]:
@@ -45,23 +45,33 @@ def baselines(state_dicts: Sequence[StateDict], model: nn.Module, config: Config
     stats = None if endpoint_stats is None else [endpoint_stats[i] for i in kept]
     x = x[:config.repair.num_samples]
     spec = spec_of(model)
-    out: dict[str, Baseline] = {}
-    for method in baseline_methods(config):
+    methods = baseline_methods(config)
+
+    def aligned(method: str):
         start = time.perf_counter()
         result = match_models(state_dicts=list(sds), spec=spec,
                               config=config.align.model_copy(update={"method": method, "restarts": 1}))
-        seconds = time.perf_counter() - start
-        universe = to_universe_all(sds, spec, result.perms)
-        merged, repaired = merge_and_repair(model, universe, method=config.repair.method, x=x,
-                                            batch_size=config.repair.batch_size, endpoint_stats=stats, perms=result.perms)
-        out[method] = Baseline(method=method, perms=result.perms, merged=merged,
-                               repaired=None if config.repair.method == "none" else repaired,
-                               objective=alignment_objective(sds, spec, result.perms), seconds=seconds,
-                               report=result.report.summary())
-    cycle = None
-    if wants_cycle_maps(config, len(sds)):
-        def pair(a: int, b: int):
-            return match_pair_models(sds[a], sds[b], spec, seed=config.align.seed, max_iter=config.align.max_iter)
+        return result, time.perf_counter() - start
 
-        cycle = (pair(0, 1), pair(1, 2), pair(2, 0))
+    def pair(a: int, b: int):
+        return match_pair_models(sds[a], sds[b], spec, seed=config.align.seed, max_iter=config.align.max_iter)
+
+    # The alignments are independent pure functions of the state dicts, mostly LAPs (which release the
+    # GIL): side by side they keep both cores busy. Merging and repair share ``model``, so they stay serial.
+    with ThreadPoolExecutor(max_workers=max(1, min(2, torch.get_num_threads()))) as pool:
+        matched = {m: pool.submit(aligned, m) for m in methods}
+        cycle_jobs = [pool.submit(pair, a, b) for a, b in ((0, 1), (1, 2), (2, 0))] \
+            if wants_cycle_maps(config, len(sds)) else []
+        out: dict[str, Baseline] = {}
+        for method, job in matched.items():
+            result, seconds = job.result()
+            universe = to_universe_all(sds, spec, result.perms)
+            merged, repaired = merge_and_repair(model, universe, method=config.repair.method, x=x,
+                                                batch_size=config.repair.batch_size, endpoint_stats=stats,
+                                                perms=result.perms)
+            out[method] = Baseline(method=method, perms=result.perms, merged=merged,
+                                   repaired=None if config.repair.method == "none" else repaired,
+                                   objective=alignment_objective(sds, spec, result.perms), seconds=seconds,
+                                   report=result.report.summary())
+        cycle = tuple(job.result() for job in cycle_jobs) if cycle_jobs else None
     return Baselines(indices=kept, methods=out, cycle_maps=cycle)
