@@ -12,6 +12,8 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-3}"
+FULL_RUNS="${FULL_RUNS:-$RUNS}"
+KEEP="${KEEP:-}"  # a folder: the last fresh-clone run's outputs are copied there (the committed default run)
 OUT="${OUT:-$REPO/benchmarks/results/wall_clock.md}"
 WORK="$(mktemp -d /tmp/cyclemerge-wall.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
@@ -63,7 +65,11 @@ measure() {  # measure <name> <hyperfine args...>
   AFTER[$name]="$(load)"
 }
 
-measure full --runs "$RUNS" --prepare "fresh $WORK/full" "cd $WORK/full && make run"
+measure full --runs "$FULL_RUNS" --prepare "fresh $WORK/full" "cd $WORK/full && make run"
+cp "$WORK/full/metrics/timings.json" "$WORK/full_timings.json"
+if [ -n "$KEEP" ]; then
+  mkdir -p "$KEEP" && (cd "$WORK/full" && cp -r dvc.lock metrics plots reports "$KEEP"/)
+fi
 measure noop --warmup 1 --runs 10 "cd $WORK/full && make run"
 measure lam --runs "$RUNS" \
   --prepare "cd $WORK/full && sed -i \"s/^  lam: .*/  lam: 0.0\$(date +%N | cut -c1-4)1/\" params.yaml" \
@@ -71,7 +77,6 @@ measure lam --runs "$RUNS" \
 measure user --runs "$RUNS" \
   --prepare "fresh $WORK/user && $PY $WORK/user_params.py $WORK/user/params.yaml $WORK/ckpt" \
   "cd $WORK/user && make run"
-cp "$WORK/full/metrics/timings.json" "$WORK/full_timings.json"
 
 "$PY" - "$WORK" "$OUT" "$(git -C "$REPO" rev-parse --short HEAD)" \
   "${BEFORE[full]}" "${AFTER[full]}" "${BEFORE[noop]}" "${AFTER[noop]}" \
