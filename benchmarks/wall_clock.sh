@@ -61,7 +61,7 @@ declare -A BEFORE AFTER
 measure() {  # measure <name> <hyperfine args...>
   local name="$1"; shift
   BEFORE[$name]="$(load)"
-  hyperfine --style basic --export-json "$WORK/$name.json" "$@"
+  hyperfine --shell bash --style basic --export-json "$WORK/$name.json" "$@"
   AFTER[$name]="$(load)"
 }
 
