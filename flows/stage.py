@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m flows.stage STAGE [python -m flows.pipeline options]", file=sys.stderr)
         return 2
     pipeline_argv = ["--stage", *args]
-    rc = delegate(pipeline_argv)
+    try:
+        rc = delegate(pipeline_argv)
+    except KeyboardInterrupt:  # before the stage began; a stage whose client is gone is stopped by the server
+        return 130
     if rc is not None:
         return rc
     from flows.pipeline import main as run_here

@@ -456,17 +456,32 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(fileno=args.listen_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        env = _warm(args.tracking_uri)
-    except Exception:  # noqa: BLE001 - clients find the socket closed and run their stages themselves
-        _say("could not import the pipeline; each stage runs in a process of its own")
-        traceback.print_exc()
-        return 1
-    if threading.active_count() != 1:
-        _say(f"threads running after the imports ({[t.name for t in threading.enumerate()]}); not serving")
-        return 1
-    gc.freeze()  # the children's collections then leave the imported objects' pages shared
-    Server(listener, sys.stdin.fileno(), env).run()
-    return 0
+        try:
+            env = _warm(args.tracking_uri)
+        except Exception:  # noqa: BLE001 - clients find the socket closed and run their stages themselves
+            _say("could not import the pipeline; each stage runs in a process of its own")
+            traceback.print_exc()
+            return 1
+        if threading.active_count() != 1:
+            _say(f"threads running after the imports ({[t.name for t in threading.enumerate()]}); not serving")
+            return 1
+        gc.freeze()  # the children's collections then leave the imported objects' pages shared
+        Server(listener, sys.stdin.fileno(), env).run()
+        return 0
+    finally:
+        _remove_socket(listener)
+
+
+def _remove_socket(listener: socket.socket) -> None:
+    """The socket file and its folder, also when whoever started the server died without cleaning up."""
+    try:
+        path = listener.getsockname()
+        listener.close()
+        if isinstance(path, str) and path:
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))  # only an emptied folder: never anything else
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

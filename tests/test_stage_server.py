@@ -32,14 +32,13 @@ except SystemExit as e:
     print(f"client: torch imported {'torch' in sys.modules}, exit {e.code}")
 """
 
-# Starts a stage server for the project in argv[1], says so, and waits to be killed.
+# Starts a stage server for the project in argv[1], prints its socket's path, and waits to be killed.
 STARTER = """
 import os, sys, time
 from pathlib import Path
 from flows.stage_server import serving
 server = serving(dict(os.environ), Path(sys.argv[1]))
-server.__enter__()
-print("up", flush=True)
+print(server.__enter__()["CYCLEMERGE_STAGE_SERVER"], flush=True)
 time.sleep(600)
 """
 
@@ -269,11 +268,12 @@ def test_the_server_leaves_no_process_behind(tmp_path):
     starter = subprocess.Popen([sys.executable, "-c", STARTER, str(root)], cwd=root, env=env, stdout=subprocess.PIPE,
                                text=True)
     try:
-        assert starter.stdout.readline().strip() == "up"
+        path = Path(starter.stdout.readline().strip())
         orphan = the_server(root)
         starter.kill()
         starter.wait()
         assert wait_until(lambda: not Path(f"/proc/{orphan}").exists() or _proc_field(orphan, "State")[0] == "Z", 120)
+        assert not path.parent.exists()  # nobody else is left to remove the socket's folder
     finally:
         starter.kill()
 
