@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_dvc_repro_runs_everything_then_nothing_then_only_what_a_gates_change_to
     assert any("merged.test_acc" in r.data.metrics for r in parents), [r.data.metrics for r in parents]
     second = _run(["dvc", "repro"], root, **env)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
-    params = (root / "params.yaml").read_text().replace("lam: 0.01", "lam: 0.02")
+    params = re.sub(r"(?m)^(\s+lam:) .*$", r"\1 0.02", (root / "params.yaml").read_text())  # a new value
     (root / "params.yaml").write_text(params)
     third = _run(["dvc", "repro"], root, **env)
     assert third.returncode == 0, third.stderr[-3000:]
