@@ -2,6 +2,10 @@
 
     python benchmarks/resnet_repair_check.py                 # results/resnet_repair_check.md
     python benchmarks/resnet_repair_check.py --images 2000 --models 3 --epochs 1   # quicker
+    python benchmarks/resnet_repair_check.py --checkpoints .cache/grid/models/fashion_mnist-resnet20/KEY/seed*.pt
+
+With ``--checkpoints`` the seed models are read (weights only) from those files, e.g. the ``resnet_cpu``
+grid's model cache, instead of trained here; ``--recipe`` then says in the report how they were trained.
 
 Two checks on ResNet20-x2 (LayerNorm) seed models trained here on a slice of Fashion-MNIST:
 
@@ -40,7 +44,7 @@ from cyclemerge.data import load_data  # noqa: E402
 from cyclemerge.evaluate import accuracy_and_loss, load_into  # noqa: E402
 from cyclemerge.permutation import apply_perms, random_perms  # noqa: E402
 from cyclemerge.repair import apply_repair, goal_statistics  # noqa: E402
-from cyclemerge.train import model_for, train_model  # noqa: E402
+from cyclemerge.train import import_checkpoints, model_for, train_model  # noqa: E402
 from speed import stat_error  # noqa: E402
 
 
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=5000, help="training images per model")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--checkpoints", nargs="+", default=None, help="seed model files to read instead of training")
+    ap.add_argument("--recipe", default=None, help="how the --checkpoints models were trained (for the report)")
     ap.add_argument("--calib", type=int, default=1000, help="calibration images for statistics and REPAIR")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "resnet_repair_check.md"))
     args = ap.parse_args(argv)
@@ -89,12 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     x = data.calibration_set()[0][:args.calib]
     batch = min(500, len(x))
     load, started = os.getloadavg(), time.perf_counter()
-    torch.set_num_threads(1)  # seeds side by side, one core each
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        sds = list(pool.map(lambda s: train_model(cfg.model, cfg.train, data, seed=s).state_dict,
-                            range(1, args.models + 1)))
-    train_s = time.perf_counter() - started
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.checkpoints:
+        sds = import_checkpoints(args.checkpoints, cfg.model, data)
+        args.models = len(sds)
+        made = f"{len(sds)} seed models read from {', '.join(Path(p).name for p in args.checkpoints)} ({args.recipe or 'recipe not given'})"
+    else:
+        torch.set_num_threads(1)  # seeds side by side, one core each
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            sds = list(pool.map(lambda s: train_model(cfg.model, cfg.train, data, seed=s).state_dict,
+                                range(1, args.models + 1)))
+        torch.set_num_threads(os.cpu_count() or 1)
+        made = (f"{args.models} seed models, {args.epochs} epochs on {args.images} Fashion-MNIST training images each "
+                f"(trained here in {time.perf_counter() - started:.0f} s, two side by side)")
     model = model_for(cfg.model, data)
 
     gen = torch.Generator().manual_seed(0)
@@ -111,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     md = "\n".join([
         "# ResNet20-x2 (LayerNorm): REPAIR against its goal statistics", "",
-        f"{args.models} seed models, {args.epochs} epochs on {args.images} Fashion-MNIST training images each "
-        f"(trained here in {train_s:.0f} s, two side by side); statistics and REPAIR on {len(x)} calibration "
+        f"{made}; statistics and REPAIR on {len(x)} calibration "
         f"images, {same['points']} stat points; C2M3 with params.yaml's settings (max_iter 100). Load average "
         f"{load[0]:.2f} at the start. Test accuracy (%):", "",
         "| models | endpoints | C2M3 merge | + REPAIR | std / goal std before REPAIR, median (min) over points | "

@@ -1,4 +1,4 @@
-"""Training throughput of the seed models: samples per second of one fp32 optimisation step.
+"""Training throughput of the seed models: samples per second of one optimisation step, fp32 or bf16.
 
 One step is what ``cyclemerge.train.train_model`` does per batch: forward, cross-entropy, backward,
 gradient-norm clipping, Adam step, and reading the loss back (a device sync). Inputs are synthetic
@@ -9,6 +9,9 @@ not the model.
 
     python benchmarks/train_throughput.py             # print the table
     python benchmarks/train_throughput.py --record    # and append it to benchmarks/RESULTS.md
+    python benchmarks/train_throughput.py --precision fp32,bf16 --only ResNet20-x2   # train.precision side by side
+
+``bf16`` is what ``train.precision: bf16`` does: bf16 autocast with channels-last images.
 
 ``loop_throughput`` (used by benchmarks/speed.py) compares the project's own loop,
 ``cyclemerge.train.train_model``, with a plain PyTorch loop on the same model, batch and data.
@@ -37,11 +40,12 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NUM_CLASSES = 10
 EPOCH_SAMPLES = 60_000  # an MNIST-sized training split, to turn samples/s into time per epoch
 
-# (architecture, channels, image size, what it stands for)
+# (architecture, width, channels, image size, what it stands for)
 CASES = [
-    ("mlp", 1, 28, "MLP 784-512-512-512-256-10"),
-    ("resnet20", 1, 28, "ResNet20-x1 (LayerNorm)"),
-    ("resnet20", 3, 32, "ResNet20-x1 (LayerNorm)"),
+    ("mlp", 1, 1, 28, "MLP 784-512-512-512-256-10"),
+    ("resnet20", 1, 1, 28, "ResNet20-x1 (LayerNorm)"),
+    ("resnet20", 1, 3, 32, "ResNet20-x1 (LayerNorm)"),
+    ("resnet20", 2, 1, 28, "ResNet20-x2 (LayerNorm)"),
 ]
 
 
@@ -50,6 +54,7 @@ class Measurement:
     label: str
     shape: str
     device: str
+    precision: str
     params: int
     steps: int
     seconds_per_step: float
@@ -63,20 +68,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training(arch: str, in_channels: int, image_size: int, device: torch.device, *, batch_size: int,
-                  warmup: int, min_steps: int, min_seconds: float, seed: int) -> tuple[int, int, float]:
+def time_training(arch: str, width: int, in_channels: int, image_size: int, device: torch.device, *,
+                  precision: str, batch_size: int, warmup: int, min_steps: int, min_seconds: float,
+                  seed: int) -> tuple[int, int, float]:
     """(parameter count, steps timed, seconds per step) of training one fresh model on random data."""
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(arch=arch), in_channels=in_channels, image_size=image_size,
+    model = build_model(ModelConfig(arch=arch, width=width), in_channels=in_channels, image_size=image_size,
                         num_classes=NUM_CLASSES).to(device).train()
+    bf16 = precision == "bf16"  # as cyclemerge.train.train_model does it
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     defaults = TrainConfig()
     opt = torch.optim.Adam(params, lr=defaults.lr)
     x = torch.randn(batch_size, in_channels, image_size, image_size, device=device)
+    if bf16:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
 
     def step() -> float:
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if defaults.grad_clip:
@@ -168,7 +180,7 @@ def markdown(results: list[Measurement], machine: list[tuple[str, str]], args: a
     out = [
         "## Training throughput",
         "",
-        f"Recorded {when:%Y-%m-%d %H:%M} UTC by `benchmarks/train_throughput.py`: fp32 training steps "
+        f"Recorded {when:%Y-%m-%d %H:%M} UTC by `benchmarks/train_throughput.py`: training steps "
         f"(forward, cross-entropy, backward, grad-norm clip, Adam) at batch size {args.batch_size} on synthetic "
         f"tensors; {args.warmup} warm-up steps, then at least {args.min_steps} steps and {args.min_seconds:g} s "
         f"timed; best of {args.repeats} repeats.",
@@ -178,12 +190,12 @@ def markdown(results: list[Measurement], machine: list[tuple[str, str]], args: a
         *(f"| {k} | {v} |" for k, v in machine),
         f"| load average (1/5/15 min) | {load(load_before)} before, {load(load_after)} after |",
         "",
-        f"| model | input | device | params | steps timed | ms/step | samples/s | s per {EPOCH_SAMPLES // 1000}k-sample epoch |",
-        "|---|---|---|--:|--:|--:|--:|--:|",
+        f"| model | input | device | precision | params | steps timed | ms/step | samples/s | s per {EPOCH_SAMPLES // 1000}k-sample epoch |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         rate = r.samples_per_second(args.batch_size)
-        out.append(f"| {r.label} | {r.shape} | {r.device} | {r.params:,} | {r.steps} | "
+        out.append(f"| {r.label} | {r.shape} | {r.device} | {r.precision} | {r.params:,} | {r.steps} | "
                    f"{1000 * r.seconds_per_step:.1f} | {rate:,.0f} | {EPOCH_SAMPLES / rate:.1f} |")
     return "\n".join(out) + "\n"
 
@@ -210,6 +222,8 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=5, help="timed steps at least")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds at least")
     parser.add_argument("--repeats", type=int, default=2, help="measure each case this often, keep the best")
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (train.precision)")
+    parser.add_argument("--only", default=None, help="measure only the models whose label contains this")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--record", action="store_true", help=f"append the table to {RESULTS}")
     args = parser.parse_args()
@@ -219,23 +233,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     devices = pick_devices(args.devices)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise SystemExit(f"--precision: use fp32, bf16 or fp32,bf16, got {args.precision!r}")
+    cases = [c for c in CASES if args.only is None or args.only in c[-1]]
+    if not cases:
+        raise SystemExit(f"--only {args.only!r} matches no model; models: {', '.join(c[-1] for c in CASES)}")
     when = dt.datetime.now(dt.timezone.utc)
     load_before = os.getloadavg()
-    best: dict[tuple[str, int, int, str], Measurement] = {}
+    best: dict[tuple, Measurement] = {}
     # Repeats go round all cases in turn, so a burst of load from other processes hits one repeat
     # of several cases rather than every repeat of one case.
     for repeat in range(args.repeats):
-        for device in devices:
-            for arch, channels, size, label in CASES:
-                params, steps, per_step = time_training(
-                    arch, channels, size, device, batch_size=args.batch_size, warmup=args.warmup,
-                    min_steps=args.min_steps, min_seconds=args.min_seconds, seed=repeat)
-                m = Measurement(label, f"{channels}x{size}x{size}", device.type, params, steps, per_step)
-                print(f"  repeat {repeat + 1}/{args.repeats}: {label} {m.shape} on {device.type}: "
-                      f"{m.samples_per_second(args.batch_size):,.0f} samples/s", file=sys.stderr)
-                key = (arch, channels, size, device.type)
-                if key not in best or per_step < best[key].seconds_per_step:
-                    best[key] = m
+        for device, precision, (arch, width, channels, size, label) in (
+                (d, p, c) for d in devices for c in cases for p in precisions):
+            params, steps, per_step = time_training(
+                arch, width, channels, size, device, precision=precision, batch_size=args.batch_size,
+                warmup=args.warmup, min_steps=args.min_steps, min_seconds=args.min_seconds, seed=repeat)
+            m = Measurement(label, f"{channels}x{size}x{size}", device.type, precision, params, steps, per_step)
+            print(f"  repeat {repeat + 1}/{args.repeats}: {label} {m.shape} on {device.type}, {precision}: "
+                  f"{m.samples_per_second(args.batch_size):,.0f} samples/s", file=sys.stderr)
+            key = (label, m.shape, device.type, precision)
+            if key not in best or per_step < best[key].seconds_per_step:
+                best[key] = m
     results = list(best.values())
     table = markdown(results, machine_lines(devices), args, load_before, os.getloadavg(), when)
     print(table)

@@ -121,6 +121,9 @@ class TrainConfig(Section):
     warmup_epochs: int = Field(0, ge=0)
     grad_clip: float | None = Field(10.0, gt=0)
     augment: bool = False
+    # bf16 autocast (and channels-last images) roughly doubles conv training on CPUs with AVX512-BF16 or AMX
+    # and on recent GPUs; weights, optimizer state and every later stage stay fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
     device: Device = "auto"
     checkpoints: list[str] | None = None
 

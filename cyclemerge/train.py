@@ -85,6 +85,9 @@ def train_model(
     total = steps_per_epoch * train_cfg.epochs
     warmup = steps_per_epoch * train_cfg.warmup_epochs if train_cfg.schedule == "warmup_cosine" else 0
     gen = torch.Generator().manual_seed(seed)
+    bf16 = train_cfg.precision == "bf16"
+    if bf16 and x_all.dim() == 4:
+        model = model.to(memory_format=torch.channels_last)  # oneDNN's bf16 convolutions want NHWC
     history: list[dict] = []
     step = 0
     start = time.perf_counter()
@@ -97,8 +100,11 @@ def train_model(
                 xb = augment_batch(xb, gen)
             for group in opt.param_groups:
                 group["lr"] = train_cfg.lr * lr_factor(step, total, warmup, train_cfg.schedule)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            if bf16 and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if train_cfg.grad_clip:
@@ -115,7 +121,7 @@ def train_model(
         history.append(record)
         if on_epoch:
             on_epoch(record)
-    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state_dict = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     return TrainResult(state_dict=state_dict, history=history, seconds=time.perf_counter() - start)
 
 

@@ -31,7 +31,7 @@ for key, value in _DEFAULTS.items():
 def _use_project_interpreter() -> None:
     """Hand over to the project's ``.venv`` when started by a Python without the project's packages.
 
-    DVC runs each stage's ``python3 -m flows.pipeline`` with the first ``python3`` on PATH; in a
+    DVC runs each stage's ``python3 -m flows.stage NAME`` with the first ``python3`` on PATH; in a
     plain shell (``.venv/bin/dvc exp run ...`` with no activated venv) that is the system's, which
     has no torch. ``CYCLEMERGE_VENV`` names a venv kept elsewhere.
     """
